@@ -1,0 +1,140 @@
+"""The captioner: BLIP's image-grounded decoder writing synthetic captions.
+
+Nucleus sampling with a per-image seed (BLIP's CapFilt), or beam search. The vision encoder
+runs once per image; the decoder's cross-attention keys and values are cached after the first
+step and reused for every later token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from capfilt.models import LoadedModel
+from capfilt.sampling import apply_repetition_penalty, sample_rows, top_k_top_p
+from capfilt.seeding import generators
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How captions are written. Defaults are BLIP's CapFilt settings.
+
+    Lengths count new tokens, after the prompt; BLIP's max_length 20 / min_length 5 counted
+    the 4 prompt tokens too. ``top_k`` 50 is what BLIP's code got from transformers 4.15.
+    """
+
+    method: str = "nucleus"  # "nucleus" | "beam"
+    num_captions: int = 1
+    prompt: str = "a picture of "
+    top_p: float = 0.9
+    top_k: int | None = 50
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 16
+    min_new_tokens: int = 1
+    num_beams: int = 3
+
+    def __post_init__(self):
+        if self.method not in ("nucleus", "beam"):
+            raise ValueError(f"sampling method {self.method!r}: use 'nucleus' or 'beam'")
+        if self.method == "beam" and self.num_captions > self.num_beams:
+            raise ValueError("beam search returns at most num_beams captions per image")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p {self.top_p} is not in (0, 1]")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens is larger than max_new_tokens")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Captioner:
+    """Pixel values of a batch of images -> ``num_captions`` captions per image."""
+
+    def __init__(self, loaded: LoadedModel, sampling: SamplingConfig, seed: int):
+        self.model = loaded.model
+        self.tokenizer = loaded.processor.tokenizer
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.sampling = sampling
+        self.seed = seed
+        text_config = self.model.config.text_config
+        self.bos_id = text_config.bos_token_id
+        self.eos_id = text_config.sep_token_id
+        self.pad_id = text_config.pad_token_id
+        # BLIP's prompt handling: [CLS] becomes [DEC], the trailing [SEP] is dropped.
+        ids = self.tokenizer(sampling.prompt, add_special_tokens=True).input_ids[:-1]
+        self.prompt_ids = torch.tensor([self.bos_id] + ids[1:], device=self.device)
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        if self.sampling.num_captions == 0 or not keys:
+            return [[] for _ in keys]
+        pixels = pixel_values.to(self.device, self.dtype)
+        image_embeds = self.model.vision_model(pixel_values=pixels)[0]
+        if self.sampling.method == "beam":
+            tokens = self._beam(image_embeds)
+        else:
+            rows = generators(self.seed, keys, self.sampling.num_captions)
+            tokens = self._sample(image_embeds, rows)
+        texts = self._decode(tokens)
+        n = self.sampling.num_captions
+        return [texts[i * n : (i + 1) * n] for i in range(len(keys))]
+
+    def _sample(self, image_embeds: torch.Tensor, rows: list[torch.Generator]) -> torch.Tensor:
+        cfg = self.sampling
+        embeds = image_embeds.repeat_interleave(cfg.num_captions, dim=0)
+        image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        sequence = self.prompt_ids.unsqueeze(0).repeat(embeds.shape[0], 1)
+        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)
+        step_input, cache = sequence, None
+        for step in range(cfg.max_new_tokens):
+            out = self.model.text_decoder(
+                input_ids=step_input,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=image_mask,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.cache
+            logits = out.logits[:, -1, :].float()
+            apply_repetition_penalty(logits, sequence, cfg.repetition_penalty)
+            if step < cfg.min_new_tokens:
+                logits[:, self.eos_id] = float("-inf")
+            logits = top_k_top_p(logits, cfg.top_k, cfg.top_p)
+            token = sample_rows(logits, rows)
+            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+            sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
+            finished |= token == self.eos_id
+            if bool(finished.all()):
+                break
+            step_input = token.unsqueeze(1)
+        return sequence[:, self.prompt_ids.numel() :]
+
+    def _beam(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        cfg = self.sampling
+        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=self.device)
+        prompt = self.prompt_ids.unsqueeze(0).repeat(image_embeds.shape[0], 1)
+        out = self.model.text_decoder.generate(
+            input_ids=prompt,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            num_beams=cfg.num_beams,
+            num_return_sequences=cfg.num_captions,
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
+            repetition_penalty=cfg.repetition_penalty,
+            do_sample=False,
+        )
+        return out[:, self.prompt_ids.numel() :]
+
+    def _decode(self, tokens: torch.Tensor) -> list[str]:
+        texts = []
+        for row in tokens.tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts

@@ -1,0 +1,83 @@
+"""Load the captioner and filter the way Salesforce's checkpoints are loaded: ``from_pretrained``.
+
+``source`` is a local folder or a Hugging Face hub id; nothing here downloads unless the user
+named a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipProcessor,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+transformers.utils.logging.disable_progress_bar()
+
+
+class ModelSourceError(ValueError):
+    """A model folder or id that cannot serve as the captioner or filter."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: BlipProcessor
+    device: torch.device
+    dtype: torch.dtype
+
+
+def check_model_source(source: str, role: str) -> None:
+    """Fail early, before any work, on a local model folder that is missing or incomplete."""
+    path = Path(source)
+    if not path.exists():
+        if source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise ModelSourceError(
+                f"{role} model {source!r}: no such folder, and not a hub id (owner/name)"
+            )
+        return  # a hub id: from_pretrained resolves it
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{role} model folder {source}: no config.json")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise ModelSourceError(f"{role} model folder {source}: no weights file (*.safetensors)")
+    if not any((path / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
+        raise ModelSourceError(f"{role} model folder {source}: no image processor config")
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type != "blip":
+        raise ModelSourceError(
+            f"{role} model {source}: model_type {model_type!r}, expected a BLIP checkpoint"
+        )
+
+
+def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load the model for ``role`` ("captioner" or "filter") and its processor, in eval mode."""
+    check_model_source(source, role)
+    torch_dtype = DTYPES[dtype]
+    model = MODEL_CLASSES[role].from_pretrained(source, dtype=torch_dtype)
+    model = model.to(device).eval()
+    processor = BlipProcessor.from_pretrained(source)
+    return LoadedModel(model, processor, torch.device(device), torch_dtype)
+
+
+def weights_sha256(source: str) -> str | None:
+    """SHA-256 over the weight files of a local model folder; None for a hub id."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

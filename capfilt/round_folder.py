@@ -1,0 +1,75 @@
+"""The round folder's layout and its atomic writes (local paths or any fsspec URL).
+
+    ROUND/shards/NNNNN.parquet   scored rows of input shard NNNNN
+    ROUND/rejects/NNNNN.parquet  its rows that were not scored, with a reason
+    ROUND/stats/NNNNN.json       its counts: written last, the shard's completion marker
+    ROUND/plan.json              what the round was started with (a rerun must match it)
+    ROUND/manifest.json          written last of all: the round's commit point
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests import ShardResult, ShardStatus, write_json_atomic
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def shard_path(root: str, index: int) -> str:
+    return _join(root, "shards", f"{index:05d}.parquet")
+
+
+def rejects_path(root: str, index: int) -> str:
+    return _join(root, "rejects", f"{index:05d}.parquet")
+
+
+def stats_path(root: str, index: int) -> str:
+    return _join(root, "stats", f"{index:05d}.json")
+
+
+def plan_path(root: str) -> str:
+    return _join(root, "plan.json")
+
+
+def write_parquet_atomic(url: str, table: pa.Table) -> None:
+    """Write under a temporary name in the same folder, then rename over the final name."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as handle:
+        handle.write(buffer.getvalue())
+    fs.mv(tmp, path)
+
+
+def commit_shard(root: str, result: ShardResult, rows: pa.Table, rejects: pa.Table) -> None:
+    """Rows, then rejects, then the stats marker: a shard without its marker is not done."""
+    write_parquet_atomic(shard_path(root, result.index), rows)
+    write_parquet_atomic(rejects_path(root, result.index), rejects)
+    write_json_atomic(stats_path(root, result.index), result.__dict__)
+
+
+def finished_shard(root: str, index: int, input_path: str) -> ShardResult | None:
+    """The result of a shard already done in this round folder, or None."""
+    fs, path = fsspec.core.url_to_fs(stats_path(root, index))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as handle:
+        result = ShardResult.from_dict(json.load(handle))
+    if result.status != ShardStatus.DONE or result.input != input_path:
+        return None
+    for part in (shard_path(root, index), rejects_path(root, index)):
+        part_fs, part_path = fsspec.core.url_to_fs(part)
+        if not part_fs.exists(part_path):
+            return None
+    return result

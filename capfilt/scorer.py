@@ -1,0 +1,79 @@
+"""The filter: BLIP's ITM match probability and ITC cosine for every (image, text) pair.
+
+The vision encoder runs once per image; each text is paired with its own image's embeddings
+(Hugging Face's ``use_itm_head=True`` path would rerun the vision tower per pair, and
+``use_itm_head=False`` returns the whole image-by-text matrix instead of per-pair values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from capfilt.models import LoadedModel
+
+# BLIP pads ITM text to 35 tokens; longer web captions are truncated there.
+MAX_TEXT_TOKENS = 35
+
+
+class Scorer:
+    """Images and their texts -> per-pair ITM probability and ITC cosine."""
+
+    def __init__(self, loaded: LoadedModel, max_text_tokens: int = MAX_TEXT_TOKENS,
+                 text_batch_size: int = 256):
+        self.model = loaded.model
+        self.tokenizer = loaded.processor.tokenizer
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.max_text_tokens = max_text_tokens
+        self.text_batch_size = text_batch_size
+
+    @torch.inference_mode()
+    def __call__(
+        self, pixel_values: torch.Tensor, texts: list[list[str]]
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """``texts[i]`` are the texts of image ``i``; returns (itm, itc) in the same nesting."""
+        owners = [i for i, group in enumerate(texts) for _ in group]
+        flat = [text for group in texts for text in group]
+        if not flat:
+            return [[] for _ in texts], [[] for _ in texts]
+        image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))[0]
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        itm_parts, itc_parts = [], []
+        for start in range(0, len(flat), self.text_batch_size):
+            chunk = flat[start : start + self.text_batch_size]
+            index = torch.tensor(owners[start : start + self.text_batch_size], device=self.device)
+            itm, itc = self._score_chunk(chunk, image_embeds[index], image_feat[index])
+            itm_parts.append(itm)
+            itc_parts.append(itc)
+        itm_flat = torch.cat(itm_parts).tolist()
+        itc_flat = torch.cat(itc_parts).tolist()
+        return _regroup(itm_flat, texts), _regroup(itc_flat, texts)
+
+    def _score_chunk(self, chunk: list[str], embeds: torch.Tensor, image_feat: torch.Tensor):
+        tokens = self.tokenizer(
+            chunk, padding="longest", truncation=True, max_length=self.max_text_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        text_out = self.model.text_encoder(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state
+        text_feat = F.normalize(self.model.text_proj(text_out[:, 0, :]).float(), dim=-1)
+        itc = (image_feat * text_feat).sum(dim=-1)
+        image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        fused = self.model.text_encoder(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
+        itm = self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
+        return itm.cpu(), itc.cpu()
+
+
+def _regroup(values: list[float], like: list[list[str]]) -> list[list[float]]:
+    out, position = [], 0
+    for group in like:
+        out.append(values[position : position + len(group)])
+        position += len(group)
+    return out

@@ -1,0 +1,196 @@
+"""Read input shards as img2dataset writes them, into one normalised Arrow table.
+
+Formats: parquet (img2dataset's ``output_format="parquet"``, or any parquet whose image and text
+columns are named by ``ReaderOptions``) and webdataset tars (``{key}.jpg``, ``{key}.txt``,
+``{key}.json``). Paths are local, ``file://`` or any fsspec URL; globs and brace ranges expand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from dataclasses import asdict, dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from braceexpand import braceexpand
+
+# The table every reader returns: one row per input row, in input order.
+INPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("jpg", pa.binary()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+SUCCESS = "success"
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read at all (missing, corrupt, no image column)."""
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """Column names for parquet input; img2dataset's by default."""
+
+    image_column: str = "jpg"
+    caption_column: str = "caption"
+    key_column: str = "key"
+    url_column: str = "url"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ShardData:
+    table: pa.Table
+    sha256: str
+    nbytes: int
+    warnings: list[str]
+
+
+def shard_format(path: str) -> str:
+    if path.endswith(".parquet"):
+        return "parquet"
+    if path.endswith(".tar"):
+        return "webdataset"
+    raise ShardReadError(f"{path}: unknown shard format (expected .parquet or .tar)")
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Expand brace ranges, globs and folders (any fsspec URL) to a sorted list of shards.
+
+    A folder of img2dataset webdataset output holds ``NNNNN.tar`` and a metadata
+    ``NNNNN.parquet`` beside it: the tar is the shard, the parquet is skipped.
+    """
+    found: list[str] = []
+    for pattern in patterns:
+        for one in braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(one)
+            if fs.isdir(path):
+                listed = [p for p in fs.ls(path, detail=False) if p.endswith((".parquet", ".tar"))]
+                tars = {p[: -len(".tar")] for p in listed if p.endswith(".tar")}
+                matches = [p for p in listed if not (p.endswith(".parquet") and p[:-8] in tars)]
+            elif any(ch in path for ch in "*?["):
+                matches = fs.glob(path)
+            else:
+                matches = [path] if fs.exists(path) else []
+            if not matches:
+                raise ShardReadError(f"input {one!r} matches no file")
+            found += [p if "://" not in one else fs.unstrip_protocol(p) for p in matches]
+    shards = sorted(dict.fromkeys(found))
+    for path in shards:
+        shard_format(path)
+    return shards
+
+
+def read_shard(url: str, options: ReaderOptions = ReaderOptions()) -> ShardData:
+    """Read one shard whole: bytes are hashed for the manifest, then parsed."""
+    try:
+        with fsspec.open(url, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError as exc:
+        raise ShardReadError(f"{url}: file not found") from exc
+    except OSError as exc:
+        raise ShardReadError(f"{url}: cannot be read ({exc})") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if shard_format(url) == "parquet":
+        table, warnings = _parquet_rows(url, data, options)
+    else:
+        table, warnings = _webdataset_rows(url, data)
+    return ShardData(table=table, sha256=digest, nbytes=len(data), warnings=warnings)
+
+
+def _parquet_rows(url: str, data: bytes, options: ReaderOptions) -> tuple[pa.Table, list[str]]:
+    try:
+        raw = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ShardReadError(f"{url}: not a readable parquet file ({exc})") from exc
+    names = raw.column_names
+    if options.image_column not in names:
+        raise ShardReadError(
+            f"{url}: no image column {options.image_column!r} (columns: {', '.join(names)}); "
+            "name it with --image-column"
+        )
+    warnings = []
+    n = raw.num_rows
+    stem = posixpath.basename(url).rsplit(".", 1)[0]
+
+    def column(name: str, kind: pa.DataType):
+        if name in names:
+            return raw.column(name).cast(kind)
+        return None
+
+    keys = column(options.key_column, pa.string())
+    if keys is None:
+        warnings.append(f"no key column {options.key_column!r}: keys made from the shard name")
+        keys = pa.array([f"{stem}-{i:07d}" for i in range(n)], pa.string())
+    captions = column(options.caption_column, pa.string())
+    if captions is None:
+        warnings.append(f"no caption column {options.caption_column!r}: images have no web caption")
+        captions = pa.nulls(n, pa.string())
+    urls = column(options.url_column, pa.string())
+    status = column("status", pa.string())
+    errors = column("error_message", pa.string())
+    table = pa.table(
+        {
+            "key": keys,
+            "url": urls if urls is not None else pa.nulls(n, pa.string()),
+            "caption": captions,
+            "jpg": raw.column(options.image_column).cast(pa.binary()),
+            "status": status if status is not None else pa.array([SUCCESS] * n, pa.string()),
+            "error_message": errors if errors is not None else pa.nulls(n, pa.string()),
+        },
+        schema=INPUT_SCHEMA,
+    )
+    return table, warnings
+
+
+def _webdataset_rows(url: str, data: bytes) -> tuple[pa.Table, list[str]]:
+    """Group tar members by key, webdataset's way: the name up to the first dot of its basename."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, base = posixpath.split(member.name)
+                if "." not in base:
+                    continue
+                stem, extension = base.split(".", 1)
+                key = posixpath.join(folder, stem) if folder else stem
+                handle = archive.extractfile(member)
+                samples.setdefault(key, {})[extension.lower()] = handle.read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardReadError(f"{url}: not a readable tar file ({exc})") from exc
+    rows = {name: [] for name in INPUT_SCHEMA.names}
+    for key, parts in samples.items():
+        meta = {}
+        if "json" in parts:
+            try:
+                meta = json.loads(parts["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {}
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        caption = parts.get("txt")
+        rows["key"].append(str(meta.get("key") or key))
+        rows["url"].append(meta.get("url") if isinstance(meta.get("url"), str) else None)
+        rows["caption"].append(_text(caption) if caption is not None else meta.get("caption"))
+        rows["jpg"].append(image)
+        rows["status"].append(SUCCESS)
+        rows["error_message"].append(None)
+    return pa.table(rows, schema=INPUT_SCHEMA), []
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")

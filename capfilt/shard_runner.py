@@ -1,0 +1,91 @@
+"""One input shard through the CapFilt step to its committed output: the unit of work."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from capfilt.round_folder import commit_shard, rejects_path, shard_path
+from capfilt.shard_reader import ReaderOptions, ShardReadError, read_shard
+from capfilt.stage import OUTPUT_SCHEMA, REJECT_SCHEMA, CapFiltStage, reject_row
+from manifests import ShardResult, ShardStatus
+
+log = logging.getLogger(__name__)
+
+
+def run_shard(
+    stage: CapFiltStage,
+    index: int,
+    input_path: str,
+    round_dir: str,
+    batch_size: int,
+    reader: ReaderOptions = ReaderOptions(),
+) -> ShardResult:
+    """Process a whole shard and commit it; a shard that cannot be read comes back failed."""
+    started = time.perf_counter()
+    try:
+        shard = read_shard(input_path, reader)
+    except ShardReadError as exc:
+        log.error("shard %05d failed: %s", index, exc)
+        return ShardResult(index=index, input=input_path, status=ShardStatus.FAILED, error=str(exc))
+    for warning in shard.warnings:
+        log.warning("%s: %s", input_path, warning)
+    table, duplicates = split_duplicate_keys(shard.table)
+    outputs, rejects = [], [duplicates]
+    for start in range(0, table.num_rows, batch_size):
+        rows, rejected = stage(table.slice(start, batch_size))
+        outputs.append(rows)
+        rejects.append(rejected)
+    rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
+    rejected = pa.concat_tables(rejects)
+    if rows.num_rows + rejected.num_rows != shard.table.num_rows:
+        raise RuntimeError(f"shard {index}: {shard.table.num_rows} rows in, but only "
+                           f"{rows.num_rows + rejected.num_rows} written or rejected")
+    result = ShardResult(
+        index=index,
+        input=input_path,
+        status=ShardStatus.DONE,
+        output=shard_path(round_dir, index),
+        rejects=rejects_path(round_dir, index),
+        rows_in=shard.table.num_rows,
+        rows_out=rows.num_rows,
+        rows_rejected=rejected.num_rows,
+        input_sha256=shard.sha256,
+        input_bytes=shard.nbytes,
+        **shard_counts(rows, rejected),
+    )
+    result.seconds = round(time.perf_counter() - started, 3)
+    commit_shard(round_dir, result, rows, rejected)
+    return result
+
+
+def split_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Keep the first row of each key; later ones become ``duplicate_key`` rejects."""
+    seen: set[str] = set()
+    first = []
+    for key in table.column("key").to_pylist():
+        first.append(key not in seen)
+        seen.add(key)
+    mask = pa.array(first, pa.bool_())
+    later = table.filter(pc.invert(mask)).to_pylist()
+    rejects = [reject_row(r, "duplicate_key", f"key {r['key']!r} appeared earlier in this shard")
+               for r in later]
+    return table.filter(mask), pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+
+
+def shard_counts(rows: pa.Table, rejects: pa.Table) -> dict:
+    """Counts the manifest sums: rejects by reason, texts scored and kept by source."""
+    kept = Counter(s for sources in rows.column("kept_sources").to_pylist() for s in sources)
+    texts = Counter()
+    texts["web"] = rows.num_rows - rows.column("web_caption").null_count
+    texts["synthetic"] = sum(len(c) for c in rows.column("synthetic_captions").to_pylist())
+    return {
+        "rejects_by_reason": dict(Counter(rejects.column("reason").to_pylist())),
+        "kept_by_source": {"web": kept.get("web", 0), "synthetic": kept.get("synthetic", 0)},
+        "texts_by_source": dict(texts),
+        "images_without_kept": sum(1 for k in rows.column("kept_captions").to_pylist() if not k),
+    }

@@ -1,0 +1,181 @@
+"""The CapFilt step: input rows -> (scored rows, reject rows), both Arrow tables.
+
+Decode each image once (in threads), caption it, score the web caption and every synthetic
+caption, and record what the policy keeps. The same object runs in a test, in a plain loop
+and inside a Ray actor.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import torch
+
+from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.images import ImageRejected, ImageTransform, decode_image
+from capfilt.models import load_model
+from capfilt.scorer import Scorer
+from capfilt.selection import Policy, candidates, select
+from capfilt.shard_reader import SUCCESS
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("jpg", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("web_caption", pa.string()),
+        ("web_itm", pa.float32()),
+        ("web_itc", pa.float32()),
+        ("synthetic_captions", pa.list_(pa.string())),
+        ("synthetic_itm", pa.list_(pa.float32())),
+        ("synthetic_itc", pa.list_(pa.float32())),
+        ("kept_captions", pa.list_(pa.string())),
+        ("kept_sources", pa.list_(pa.string())),
+    ]
+)
+REJECT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("jpg", pa.binary()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything a worker needs to build the step; plain data, so it pickles to Ray actors."""
+
+    captioner: str
+    filter: str
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    policy: Policy = field(default_factory=Policy)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    decode_threads: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clean_caption(text: str | None) -> str | None:
+    """Whitespace-collapsed web caption; empty becomes None (the image then has no web text)."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text or None
+
+
+class CapFiltStage:
+    """Input rows (``shard_reader.INPUT_SCHEMA``) -> (``OUTPUT_SCHEMA``, ``REJECT_SCHEMA``)."""
+
+    def __init__(self, captioner: Captioner, scorer: Scorer, policy: Policy,
+                 caption_transform: ImageTransform, filter_transform: ImageTransform,
+                 decode_threads: int = 2):
+        self.captioner = captioner
+        self.scorer = scorer
+        self.policy = policy
+        self.caption_transform = caption_transform
+        self.filter_transform = filter_transform
+        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads))
+
+    @classmethod
+    def from_config(cls, config: StageConfig) -> "CapFiltStage":
+        captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype)
+        filter_model = load_model(config.filter, "filter", config.device, config.dtype)
+        return cls(
+            Captioner(captioner_model, config.sampling, config.seed),
+            Scorer(filter_model),
+            config.policy,
+            ImageTransform.from_processor(captioner_model.processor.image_processor),
+            ImageTransform.from_processor(filter_model.processor.image_processor),
+            config.decode_threads,
+        )
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        rows = table.to_pylist()
+        rejects: list[dict] = []
+        good: list[tuple[dict, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+        for row, decoded in zip(rows, self.pool.map(self._prepare, rows)):
+            if isinstance(decoded, ImageRejected):
+                rejects.append(reject_row(row, decoded.reason, str(decoded)))
+            else:
+                good.append((row, *decoded))
+        out = self._score(good) if good else []
+        return (
+            pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA),
+            pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
+        )
+
+    def _prepare(self, row: dict):
+        """Decode once and build both models' pixels; a rejected image comes back as the error."""
+        if row["status"] != SUCCESS:
+            return ImageRejected("download_failed", row["error_message"] or row["status"])
+        try:
+            image = decode_image(row["jpg"])
+        except ImageRejected as exc:
+            return exc
+        caption_pixels = self.caption_transform(image)
+        filter_pixels = (
+            caption_pixels
+            if self.filter_transform == self.caption_transform
+            else self.filter_transform(image)
+        )
+        return caption_pixels, filter_pixels, image.size
+
+    def _score(self, good) -> list[dict]:
+        keys = [row["key"] for row, *_ in good]
+        synthetic = self.captioner(torch.stack([g[1] for g in good]), keys)
+        webs = [clean_caption(row["caption"]) for row, *_ in good]
+        texts = [([web] if web else []) + caps for web, caps in zip(webs, synthetic)]
+        itm, itc = self.scorer(torch.stack([g[2] for g in good]), texts)
+        out = []
+        for (row, _, _, (width, height)), web, caps, itm_i, itc_i in zip(
+            good, webs, synthetic, itm, itc
+        ):
+            offset = 1 if web else 0
+            web_itm = itm_i[0] if web else None
+            web_itc = itc_i[0] if web else None
+            kept = select(
+                candidates(web, web_itm, web_itc, caps, itm_i[offset:], itc_i[offset:]),
+                self.policy,
+            )
+            out.append(
+                {
+                    "key": row["key"],
+                    "url": row["url"],
+                    "jpg": row["jpg"],
+                    "width": width,
+                    "height": height,
+                    "web_caption": web,
+                    "web_itm": web_itm,
+                    "web_itc": web_itc,
+                    "synthetic_captions": caps,
+                    "synthetic_itm": itm_i[offset:],
+                    "synthetic_itc": itc_i[offset:],
+                    "kept_captions": [c.text for c in kept],
+                    "kept_sources": [c.source for c in kept],
+                }
+            )
+        return out
+
+
+def reject_row(row: dict, reason: str, message: str) -> dict:
+    return {
+        "key": row["key"],
+        "url": row["url"],
+        "caption": row["caption"],
+        "jpg": row["jpg"],
+        "status": row["status"],
+        "reason": reason,
+        "message": message,
+    }

@@ -1,0 +1,102 @@
+"""Tiny random BLIP captioner and filter, saved like Salesforce's checkpoints.
+
+They load with ``from_pretrained(folder)`` through the very code that loads
+``Salesforce/blip-image-captioning-base`` and ``Salesforce/blip-itm-base-coco``, so tests and
+smoke runs on a new cluster exercise the real loading path with no download.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipImageProcessor,
+    BlipProcessor,
+)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# BLIP appends its two task tokens after BERT's vocabulary; we do the same.
+TASK_TOKENS = ["[DEC]", "[ENC]"]
+
+WORDS = """
+a an the of in on at with and or to from by for is are this that there it its picture photo
+image view close up small large big tiny little medium left right top bottom center middle
+corner background foreground red green blue yellow orange purple pink white black gray grey
+brown circle square triangle star cross shape shapes one two three man woman person people
+dog cat car house tree sky water sea beach street city road table food plate room window
+sitting standing walking running next near over under front back some many
+""".split()
+
+
+def tiny_vocabulary() -> list[str]:
+    """A WordPiece vocabulary that spells any lower-case ASCII text (letters as pieces)."""
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    punctuation = list(".,!?'\"-:;/()&#@%+=_*")
+    pieces = [f"##{c}" for c in chars]
+    vocab = SPECIAL_TOKENS + list(dict.fromkeys(WORDS)) + chars + punctuation + pieces
+    return vocab + TASK_TOKENS
+
+
+def tiny_config(vocab_size: int, image_size: int = 32, hidden: int = 32) -> BlipConfig:
+    """A BLIP config small enough to run a batch in milliseconds on one CPU core."""
+    vocab = tiny_vocabulary()
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        encoder_hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=vocab.index("[DEC]"),
+        pad_token_id=vocab.index("[PAD]"),
+        sep_token_id=vocab.index("[SEP]"),
+        eos_token_id=vocab.index("[SEP]"),
+    )
+    vision = dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        # The default 1e-10 makes every image embed alike (see BLIP-NOTES.md).
+        initializer_range=0.02,
+    )
+    return BlipConfig(
+        text_config=text, vision_config=vision, projection_dim=hidden, image_text_hidden_size=hidden
+    )
+
+
+def tiny_processor(image_size: int = 32) -> BlipProcessor:
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.txt").write_text("\n".join(tiny_vocabulary()) + "\n")
+        # transformers 5 ignores ``vocab_file=`` silently; from_pretrained on a folder works.
+        tokenizer = BertTokenizer.from_pretrained(folder, do_lower_case=True)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def write_tiny_models(folder: str | Path, seed: int = 0, image_size: int = 32) -> dict[str, Path]:
+    """Write ``folder/captioner`` and ``folder/filter``; return their paths."""
+    folder = Path(folder)
+    processor = tiny_processor(image_size)
+    config = tiny_config(len(processor.tokenizer), image_size=image_size)
+    paths = {}
+    for role, model_class in (
+        ("captioner", BlipForConditionalGeneration),
+        ("filter", BlipForImageTextRetrieval),
+    ):
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+        path = folder / role
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        paths[role] = path
+    return paths

@@ -1,0 +1,144 @@
+"""Dataclasses of a round manifest (the JSON written last in a round folder)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class ShardStatus:
+    """Values of ``ShardResult.status``."""
+
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class InputShard:
+    """One input shard as the round saw it."""
+
+    index: int
+    path: str
+    format: str  # "parquet" | "webdataset"
+    rows: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class ModelRef:
+    """A model a round ran with: where it came from and which weights it had."""
+
+    role: str  # "captioner" | "filter"
+    source: str  # local folder or hub id, as given
+    model_class: str
+    weights_sha256: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced; a shard with ``status == "done"`` is never run again."""
+
+    index: int
+    input: str
+    status: str
+    output: str | None = None
+    rejects: str | None = None
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    kept_by_source: dict[str, int] = field(default_factory=dict)
+    texts_by_source: dict[str, int] = field(default_factory=dict)
+    images_without_kept: int = 0
+    input_sha256: str | None = None
+    input_bytes: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShardResult":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Totals:
+    """Sums over the shards that finished."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    kept_by_source: dict[str, int] = field(default_factory=dict)
+    texts_by_source: dict[str, int] = field(default_factory=dict)
+    images_without_kept: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+
+    @classmethod
+    def of(cls, shards: list[ShardResult]) -> "Totals":
+        totals = cls()
+        for shard in shards:
+            if shard.status != ShardStatus.DONE:
+                totals.shards_failed += 1
+                continue
+            totals.shards_done += 1
+            totals.rows_in += shard.rows_in
+            totals.rows_out += shard.rows_out
+            totals.rows_rejected += shard.rows_rejected
+            totals.images_without_kept += shard.images_without_kept
+            for mine, theirs in (
+                (totals.rejects_by_reason, shard.rejects_by_reason),
+                (totals.kept_by_source, shard.kept_by_source),
+                (totals.texts_by_source, shard.texts_by_source),
+            ):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+        return totals
+
+
+@dataclass
+class RoundManifest:
+    """Everything needed to know what a round did, and to reproduce it."""
+
+    round: int
+    status: str  # "complete" | "incomplete"
+    inputs: list[InputShard]
+    models: list[ModelRef]
+    parameters: dict[str, Any]
+    shards: list[ShardResult]
+    totals: Totals
+    timings: dict[str, float]
+    versions: dict[str, str]
+    parent: str | None = None
+    created_at: str = ""
+    finished_at: str = ""
+    kind: str = "capfilt-round"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RoundManifest":
+        return cls(
+            round=data["round"],
+            status=data["status"],
+            inputs=[InputShard(**item) for item in data["inputs"]],
+            models=[ModelRef(**item) for item in data["models"]],
+            parameters=data["parameters"],
+            shards=[ShardResult.from_dict(item) for item in data["shards"]],
+            totals=Totals(**data["totals"]),
+            timings=data["timings"],
+            versions=data["versions"],
+            parent=data.get("parent"),
+            created_at=data.get("created_at", ""),
+            finished_at=data.get("finished_at", ""),
+            kind=data.get("kind", "capfilt-round"),
+            schema_version=data.get("schema_version", SCHEMA_VERSION),
+        )

@@ -1,0 +1,55 @@
+"""Atomic JSON store on any fsspec filesystem: write to a temporary name, then rename."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import fsspec
+
+from manifests.round import RoundManifest
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """A manifest is missing, unreadable or not a capfilt round manifest."""
+
+
+def write_json_atomic(url: str, data: Any) -> None:
+    """Write ``data`` as JSON at ``url`` so readers see the old file or the new one, never half."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    fs.mv(tmp, path)
+
+
+def read_json(url: str) -> Any:
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def write_manifest(round_dir: str, manifest: RoundManifest) -> str:
+    """Write ``manifest.json`` in ``round_dir``: the round's commit point."""
+    url = f"{round_dir.rstrip('/')}/{MANIFEST_NAME}"
+    write_json_atomic(url, manifest.to_dict())
+    return url
+
+
+def read_manifest(round_dir: str) -> RoundManifest:
+    url = f"{round_dir.rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        data = read_json(url)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{url}: no manifest (the round never finished?)") from exc
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{url}: not valid JSON ({exc})") from exc
+    if data.get("kind") != "capfilt-round":
+        raise ManifestError(f"{url}: not a capfilt round manifest")
+    return RoundManifest.from_dict(data)
