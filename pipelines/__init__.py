@@ -1,0 +1,1 @@
+"""Orchestration: plan a round, skip finished shards, dispatch to Ray, commit the manifest."""

@@ -1,0 +1,218 @@
+"""The ``capfilt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  capfilt demo --output runs/demo
+  capfilt tiny-models models/
+  capfilt run --input 'shards/{00000..00003}.parquet' --output rounds/round-0001 \\
+      --captioner Salesforce/blip-image-captioning-base --filter Salesforce/blip-itm-base-coco
+  capfilt run --input 'shards/*.tar' --output rounds/r1 --captioner M/captioner \\
+      --filter M/filter --num-captions 10 --policy topk --keep 2 --rank-by itc
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capfilt",
+        description="CapFilt (BLIP's captioner + filter) over img2dataset shards, on Ray.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = commands.add_parser(
+        "tiny-models", help="write a tiny random BLIP captioner and filter (for tests and smoke runs)",
+        description="Write DIR/captioner and DIR/filter: tiny random BLIP models with processor "
+        "and a small WordPiece vocabulary, loadable with from_pretrained.",
+    )
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--image-size", type=int, default=32)
+
+    run = commands.add_parser(
+        "run", help="run one CapFilt round over input shards",
+        description="Caption every image, score web and synthetic captions with the filter, "
+        "keep what the policy says, and write the round folder with its manifest.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_round_arguments(run)
+
+    demo = commands.add_parser(
+        "demo", help="smoke run on the embedded default: tiny models over generated shards",
+        description="Write tiny random models and 4 img2dataset-format parquet shards of drawn "
+        "shapes under OUTPUT, then run a CapFilt round on them with Ray.",
+    )
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--shards", type=int, default=4)
+    demo.add_argument("--rows", type=int, default=32)
+    demo.add_argument("--workers", type=int, default=None)
+
+    validate = commands.add_parser(
+        "validate", help="check a round's manifest against the JSON Schema and its files",
+    )
+    validate.add_argument("round_dir")
+    return parser
+
+
+def add_round_arguments(run: argparse.ArgumentParser) -> None:
+    io = run.add_argument_group("input and output")
+    io.add_argument("--input", nargs="+", required=True,
+                    help="shards: paths, globs, brace ranges, folders or fsspec URLs")
+    io.add_argument("--output", required=True, help="round folder (local path or fsspec URL)")
+    io.add_argument("--image-column", default="jpg")
+    io.add_argument("--caption-column", default="caption")
+    io.add_argument("--key-column", default="key")
+    io.add_argument("--url-column", default="url")
+    io.add_argument("--round", type=int, default=1, help="round number in the bootstrap")
+    io.add_argument("--parent", default=None, help="the previous round's folder")
+
+    models = run.add_argument_group("models")
+    models.add_argument("--captioner", required=True, help="BLIP captioner: folder or hub id")
+    models.add_argument("--filter", required=True, help="BLIP ITM model: folder or hub id")
+    models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    sampling = run.add_argument_group("captioning")
+    sampling.add_argument("--method", default="nucleus", choices=["nucleus", "beam"])
+    sampling.add_argument("--num-captions", type=int, default=1,
+                          help="synthetic captions per image (1: BLIP; 10: the BLIP-2 recipe)")
+    sampling.add_argument("--prompt", default="a picture of ")
+    sampling.add_argument("--top-p", type=float, default=0.9)
+    sampling.add_argument("--top-k", type=int, default=50, help="0 turns top-k off")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.1)
+    sampling.add_argument("--max-new-tokens", type=int, default=16)
+    sampling.add_argument("--min-new-tokens", type=int, default=1)
+    sampling.add_argument("--num-beams", type=int, default=3)
+
+    policy = run.add_argument_group("selection")
+    policy.add_argument("--policy", default="threshold", choices=["threshold", "topk", "both"])
+    policy.add_argument("--threshold", type=float, default=0.5, help="ITM probability to keep")
+    policy.add_argument("--keep", type=int, default=2, help="texts kept per image by topk")
+    policy.add_argument("--rank-by", default="itm", choices=["itm", "itc"])
+
+    engine = run.add_argument_group("engine")
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--batch-size", type=int, default=16)
+    engine.add_argument("--workers", type=int, default=None,
+                        help="actors (default: one per GPU, or 1 on CPUs)")
+    engine.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+
+
+def round_options(args: argparse.Namespace):
+    from capfilt.captioner import SamplingConfig
+    from capfilt.selection import Policy
+    from capfilt.shard_reader import ReaderOptions
+    from capfilt.stage import StageConfig
+    from pipelines.plan import RoundOptions
+
+    sampling = SamplingConfig(
+        method=args.method, num_captions=args.num_captions, prompt=args.prompt,
+        top_p=args.top_p, top_k=args.top_k or None, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+    )
+    policy = Policy(mode=args.policy, threshold=args.threshold, top_k=args.keep,
+                    rank_by=args.rank_by)
+    stage = StageConfig(captioner=args.captioner, filter=args.filter, sampling=sampling,
+                        policy=policy, seed=args.seed, dtype=args.dtype)
+    reader = ReaderOptions(image_column=args.image_column, caption_column=args.caption_column,
+                           key_column=args.key_column, url_column=args.url_column)
+    return RoundOptions(inputs=args.input, output=args.output, stage=stage,
+                        batch_size=args.batch_size, workers=args.workers, address=args.address,
+                        reader=reader, round=args.round, parent=args.parent)
+
+
+def print_summary(manifest, output: str) -> None:
+    t = manifest.totals
+    print(f"round {manifest.round}: {manifest.status} -> {output}/manifest.json")
+    print(f"  shards: {t.shards_done} done, {t.shards_failed} failed")
+    print(f"  rows: {t.rows_in} in, {t.rows_out} scored, {t.rows_rejected} rejected "
+          f"{json.dumps(t.rejects_by_reason, sort_keys=True)}")
+    print(f"  texts kept: {json.dumps(t.kept_by_source, sort_keys=True)} of "
+          f"{json.dumps(t.texts_by_source, sort_keys=True)}; "
+          f"{t.images_without_kept} images kept no text")
+    print(f"  {manifest.timings['wall_seconds']:.1f}s, "
+          f"{manifest.timings['images_per_second']:.1f} images/s")
+    for shard in manifest.shards:
+        if shard.status != "done":
+            print(f"  FAILED shard {shard.index:05d} ({shard.input}): {shard.error}")
+
+
+def command_run(args) -> int:
+    from pipelines.round import run_round
+
+    options = round_options(args)
+    manifest = run_round(options)
+    print_summary(manifest, options.output)
+    if manifest.status != "complete":
+        print("some shards failed; run the same command again to retry only those",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def command_demo(args) -> int:
+    from capfilt.sample_shards import write_sample_shards
+    from capfilt.tiny import write_tiny_models
+
+    out = Path(args.output)
+    models = write_tiny_models(out / "models")
+    shards = write_sample_shards(out / "input", shards=args.shards, rows=args.rows)
+    print(f"tiny models in {out / 'models'}; {len(shards)} shards in {out / 'input'}")
+    argv = ["run", "--input", str(out / "input"), "--output", str(out / "round-0001"),
+            "--captioner", str(models["captioner"]), "--filter", str(models["filter"])]
+    if args.workers:
+        argv += ["--workers", str(args.workers)]
+    return command_run(build_parser().parse_args(argv))
+
+
+def command_validate(args) -> int:
+    from capfilt.round_check import check_round
+
+    problems = check_round(args.round_dir)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        return 1
+    print(f"{args.round_dir}: manifest valid, every input row accounted for")
+    return 0
+
+
+def command_tiny_models(args) -> int:
+    from capfilt.tiny import write_tiny_models
+
+    paths = write_tiny_models(args.dir, seed=args.seed, image_size=args.image_size)
+    for role, path in paths.items():
+        print(f"{role}: {path}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "demo": command_demo, "validate": command_validate,
+            "tiny-models": command_tiny_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from capfilt.models import ModelSourceError
+    from pipelines.plan import PlanError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (PlanError, ModelSourceError, ValueError) as exc:
+        print(f"capfilt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Hand shards to worker actors, one at a time each; a shard whose worker died runs elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import replace
+from typing import Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from capfilt.shard_reader import ReaderOptions
+from capfilt.stage import StageConfig
+from manifests import ShardResult, ShardStatus
+from workers.shard_worker import start_workers
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+def ensure_ray(address: str | None) -> None:
+    """Join ``address`` or start Ray on this machine (once per process)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+
+
+def dispatch(
+    config: StageConfig,
+    todo: list[tuple[int, str]],
+    round_dir: str,
+    batch_size: int,
+    reader: ReaderOptions,
+    workers: int | None,
+    on_result: Callable[[ShardResult], None],
+) -> list[ShardResult]:
+    """Run every shard in ``todo`` on worker actors and return their results."""
+    if not todo:
+        return []
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", os.cpu_count() or 1)
+    if gpus:
+        count = min(workers or gpus, len(todo))
+        gpus_each, cpus_each, threads, device = 1.0, 1.0, None, config.device
+        if device == "cpu":
+            device = "cuda"
+    else:
+        count = max(1, min(workers or 1, len(todo)))
+        gpus_each, device = 0.0, "cpu"
+        # Fractional CPUs: actors must not take every CPU slot from Ray's own tasks.
+        cpus_each = min(1.0, cpus / (2 * count))
+        threads = max(1, int(cpus) // count)
+    config = replace(config, device=device)
+    pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)
+
+    def fresh_worker():
+        return start_workers(config, 1, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)[0]
+
+    queue = deque((index, path, 1) for index, path in todo)
+    idle = deque(pool)
+    running: dict = {}
+    results: list[ShardResult] = []
+    while queue or running:
+        while queue and idle:
+            actor = idle.popleft()
+            index, path, attempt = queue.popleft()
+            ref = actor.process.remote(index, path, round_dir, batch_size, reader)
+            running[ref] = (actor, index, path, attempt)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        actor, index, path, attempt = running.pop(ref)
+        try:
+            result = ShardResult.from_dict(ray.get(ref))
+            idle.append(actor)
+        except RayActorError as exc:
+            log.warning("worker died on shard %05d (attempt %d): %s", index, attempt, exc)
+            idle.append(fresh_worker())
+            if attempt < MAX_ATTEMPTS:
+                queue.append((index, path, attempt + 1))
+                continue
+            result = _failed(index, path, f"worker died {attempt} times: {exc}")
+        except RayTaskError as exc:
+            log.error("shard %05d raised: %s", index, exc)
+            idle.append(actor)
+            result = _failed(index, path, f"{type(exc.cause).__name__}: {exc.cause}")
+        results.append(result)
+        on_result(result)
+    for actor in idle:
+        ray.kill(actor)
+    return results
+
+
+def _failed(index: int, path: str, error: str) -> ShardResult:
+    return ShardResult(index=index, input=path, status=ShardStatus.FAILED, error=error)

@@ -1,0 +1,112 @@
+"""Plan a round before any work: inputs expanded, models and output checked, reruns matched."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+
+from capfilt.models import check_model_source
+from capfilt.round_folder import finished_shard, plan_path
+from capfilt.shard_reader import ReaderOptions, expand_inputs, shard_format
+from capfilt.stage import StageConfig
+from manifests import ShardResult
+from manifests.store import read_json, write_json_atomic
+
+
+class PlanError(ValueError):
+    """The round cannot start; the message says why and what to do."""
+
+
+@dataclass
+class RoundOptions:
+    """What ``capfilt run`` was asked to do."""
+
+    inputs: list[str]
+    output: str
+    stage: StageConfig
+    batch_size: int = 16
+    workers: int | None = None
+    address: str | None = None
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    round: int = 1
+    parent: str | None = None
+
+    def parameters(self) -> dict:
+        """The settings that decide the output; a rerun must use the same ones."""
+        return {
+            "seed": self.stage.seed,
+            "batch_size": self.batch_size,
+            "dtype": self.stage.dtype,
+            "sampling": self.stage.sampling.to_dict(),
+            "policy": self.stage.policy.to_dict(),
+            "reader": self.reader.to_dict(),
+            "captioner": self.stage.captioner,
+            "filter": self.stage.filter,
+        }
+
+
+@dataclass
+class RoundPlan:
+    options: RoundOptions
+    shards: list[str]
+    done: dict[int, ShardResult]
+
+    @property
+    def todo(self) -> list[tuple[int, str]]:
+        return [(i, path) for i, path in enumerate(self.shards) if i not in self.done]
+
+
+def plan_round(options: RoundOptions) -> RoundPlan:
+    """Check everything that can be checked up front, then list the shards still to run."""
+    if options.batch_size < 1:
+        raise PlanError("--batch-size must be at least 1")
+    try:
+        shards = expand_inputs(options.inputs)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from exc
+    check_model_source(options.stage.captioner, "captioner")
+    check_model_source(options.stage.filter, "filter")
+    _check_writable(options.output)
+    recorded = {"parameters": options.parameters(), "inputs": shards}
+    fs, path = fsspec.core.url_to_fs(plan_path(options.output))
+    if fs.exists(path):
+        before = read_json(plan_path(options.output))
+        if before != recorded:
+            raise PlanError(
+                f"{options.output} holds a round started with other inputs or settings "
+                f"({_first_difference(before, recorded)}); use a new --output folder"
+            )
+    else:
+        write_json_atomic(plan_path(options.output), recorded)
+    done = {}
+    for index, shard in enumerate(shards):
+        shard_format(shard)
+        result = finished_shard(options.output, index, shard)
+        if result is not None:
+            done[index] = result
+    return RoundPlan(options=options, shards=shards, done=done)
+
+
+def _check_writable(output: str) -> None:
+    fs, path = fsspec.core.url_to_fs(output)
+    probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as handle:
+            handle.write(b"ok")
+        fs.rm(probe)
+    except OSError as exc:
+        raise PlanError(f"output folder {output} is not writable ({exc})") from exc
+
+
+def _first_difference(before: dict, now: dict, prefix: str = "") -> str:
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            return _first_difference(a, b, f"{prefix}{key}.")
+        return f"{prefix}{key} was {a!r}, now {b!r}"
+    return "no difference"

@@ -1,0 +1,45 @@
+"""A one-line progress report: shards done, images, images per second, time left."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Rewrites one line on a terminal; prints a line per finished shard elsewhere."""
+
+    def __init__(self, total_shards: int, already_done: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total_shards
+        self.done = already_done
+        self.failed = 0
+        self.images = 0
+        self.started = time.perf_counter()
+        self.run_here = total_shards - already_done
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def shard_finished(self, rows: int, failed: bool) -> None:
+        self.done += 1
+        self.failed += int(failed)
+        self.images += rows
+        self.show()
+
+    def show(self) -> None:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        finished_here = self.done - (self.total - self.run_here)
+        left = self.total - self.done
+        eta = elapsed / finished_here * left if finished_here else float("nan")
+        line = (
+            f"shards {self.done}/{self.total} done"
+            + (f" ({self.failed} failed)" if self.failed else "")
+            + f" | {self.images} images | {self.images / elapsed:.1f} images/s"
+            + (f" | about {eta:.0f}s left" if left and finished_here else "")
+        )
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if not left:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

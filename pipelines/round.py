@@ -1,0 +1,102 @@
+"""One CapFilt round: plan, run the missing shards on Ray, then commit the manifest."""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+
+import ray
+import torch
+import transformers
+import capfilt
+from capfilt.models import MODEL_CLASSES, weights_sha256
+from capfilt.shard_reader import shard_format
+from manifests import (
+    InputShard,
+    ModelRef,
+    RoundManifest,
+    ShardStatus,
+    Totals,
+    validate_manifest,
+    write_manifest,
+)
+from pipelines.dispatch import dispatch, ensure_ray
+from pipelines.plan import RoundOptions, RoundPlan, plan_round
+from pipelines.progress import Progress
+
+
+def run_round(options: RoundOptions, stream=None) -> RoundManifest:
+    """Run (or finish) the round described by ``options``; returns the manifest written."""
+    created = _now()
+    started = time.perf_counter()
+    plan = plan_round(options)
+    progress = Progress(len(plan.shards), len(plan.done), stream)
+    results = dict(plan.done)
+    if plan.todo:
+        ensure_ray(options.address)
+        for result in dispatch(
+            options.stage, plan.todo, options.output, options.batch_size, options.reader,
+            options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
+        ):
+            results[result.index] = result
+    else:
+        progress.show()
+    manifest = build_manifest(plan, results, created, time.perf_counter() - started)
+    validate_manifest(manifest.to_dict())
+    write_manifest(options.output, manifest)
+    return manifest
+
+
+def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float) -> RoundManifest:
+    options = plan.options
+    shards = [results[i] for i in sorted(results)]
+    totals = Totals.of(shards)
+    images = sum(r.rows_out for i, r in results.items() if i not in plan.done)
+    shard_seconds = sum(r.seconds for i, r in results.items() if i not in plan.done)
+    inputs = [
+        InputShard(
+            index=i,
+            path=path,
+            format=shard_format(path),
+            rows=results[i].rows_in if results[i].status == ShardStatus.DONE else None,
+            bytes=results[i].input_bytes,
+            sha256=results[i].input_sha256,
+        )
+        for i, path in enumerate(plan.shards)
+    ]
+    models = [
+        ModelRef(role=role, source=source, model_class=MODEL_CLASSES[role].__name__,
+                 weights_sha256=weights_sha256(source))
+        for role, source in (("captioner", options.stage.captioner),
+                             ("filter", options.stage.filter))
+    ]
+    complete = all(r.status == ShardStatus.DONE for r in shards)
+    return RoundManifest(
+        round=options.round,
+        parent=options.parent,
+        status="complete" if complete else "incomplete",
+        created_at=created,
+        finished_at=_now(),
+        inputs=inputs,
+        models=models,
+        parameters={**options.parameters(), "workers": options.workers or 0},
+        shards=shards,
+        totals=totals,
+        timings={
+            "wall_seconds": round(seconds, 3),
+            "shard_seconds": round(shard_seconds, 3),
+            "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
+        },
+        versions={
+            "capfilt": capfilt.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "ray": ray.__version__,
+        },
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

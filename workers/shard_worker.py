@@ -1,0 +1,39 @@
+"""The Ray actor that holds a captioner and a filter and processes whole shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+
+from capfilt.shard_reader import ReaderOptions
+from capfilt.shard_runner import run_shard
+from capfilt.stage import CapFiltStage, StageConfig
+
+
+class ShardWorker:
+    """Loads the models once in ``__init__``; each ``process`` call is one shard, committed."""
+
+    def __init__(self, config: StageConfig, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.stage = CapFiltStage.from_config(config)
+
+    def describe(self) -> dict:
+        """Where this worker runs: ready once this returns (models are loaded by then)."""
+        context = ray.get_runtime_context()
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id()}
+
+    def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
+                reader: ReaderOptions) -> dict:
+        result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader)
+        return result.__dict__
+
+
+def start_workers(config: StageConfig, count: int, *, gpus: float, cpus: float,
+                  torch_threads: int | None) -> list:
+    """Start ``count`` actors; each asks for ``gpus`` GPUs (one per actor on GPU machines)."""
+    actor = ray.remote(ShardWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=0)
+    return [actor.remote(config, torch_threads) for _ in range(count)]
