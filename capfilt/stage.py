@@ -119,7 +119,8 @@ class CapFiltStage:
     def _prepare(self, row: dict):
         """Decode once and build both models' pixels; a rejected image comes back as the error."""
         if row["status"] != SUCCESS:
-            return ImageRejected("download_failed", row["error_message"] or row["status"])
+            # img2dataset's own status (failed_to_download, failed_to_resize) is the reason.
+            return ImageRejected(row["status"] or "failed", row["error_message"] or "no image")
         try:
             image = decode_image(row["jpg"])
         except ImageRejected as exc:

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny BLIP models, real img2dataset shards, and one local Ray for the session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+
+import pytest
+
+from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.images import ImageTransform
+from capfilt.models import load_model
+from capfilt.scorer import Scorer
+from capfilt.selection import Policy
+from capfilt.stage import CapFiltStage
+from capfilt.tiny import write_tiny_models
+from tests.web_world import img2dataset_download
+
+# 4 shards of 5 rows from 12 images, a broken file and a missing one.
+WEB_IMAGES = 12
+PER_SHARD = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def img2dataset_parquet(tmp_path_factory):
+    """Folder of real img2dataset parquet output (4 shards, with failed rows)."""
+    work = tmp_path_factory.mktemp("web")
+    return img2dataset_download(work / "site", work, "parquet", PER_SHARD, WEB_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def img2dataset_webdataset(tmp_path_factory):
+    """Folder of real img2dataset webdataset output (tars with a metadata parquet each)."""
+    work = tmp_path_factory.mktemp("webtar")
+    return img2dataset_download(work / "site", work, "webdataset", PER_SHARD, WEB_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_models):
+    return {
+        "captioner": load_model(str(tiny_models["captioner"]), "captioner"),
+        "filter": load_model(str(tiny_models["filter"]), "filter"),
+    }
+
+
+def make_stage(loaded, sampling=SamplingConfig(), policy=Policy(), seed=0) -> CapFiltStage:
+    return CapFiltStage(
+        Captioner(loaded["captioner"], sampling, seed),
+        Scorer(loaded["filter"]),
+        policy,
+        ImageTransform.from_processor(loaded["captioner"].processor.image_processor),
+        ImageTransform.from_processor(loaded["filter"].processor.image_processor),
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for every test that needs it (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,44 @@
+"""The filter: per-pair ITM and ITC equal Hugging Face's, with one vision pass per image."""
+
+import pytest
+import torch
+
+from capfilt.scorer import Scorer
+
+
+def test_scores_equal_transformers_per_pair(loaded):
+    scorer = Scorer(loaded["filter"])
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    texts = [["a red circle", "a blue square on the left"], ["two dogs"],
+             ["x", "a picture of a cat", "the sky " * 40]]
+    itm, itc = scorer(images, texts)
+    model, tokenizer = loaded["filter"].model, loaded["filter"].processor.tokenizer
+    for i, group in enumerate(texts):
+        for j, text in enumerate(group):
+            tokens = tokenizer([text], truncation=True, max_length=35, return_tensors="pt")
+            with torch.no_grad():
+                match = model(pixel_values=images[i : i + 1], input_ids=tokens.input_ids,
+                              attention_mask=tokens.attention_mask, use_itm_head=True)
+                cosine = model(pixel_values=images[i : i + 1], input_ids=tokens.input_ids,
+                               attention_mask=tokens.attention_mask, use_itm_head=False)
+            assert itm[i][j] == pytest.approx(match.itm_score.softmax(-1)[0, 1].item(), abs=1e-5)
+            assert itc[i][j] == pytest.approx(cosine.itm_score[0, 0].item(), abs=1e-5)
+
+
+def test_vision_encoder_runs_once_per_image(loaded):
+    model = loaded["filter"].model
+    counted = []
+    original = model.vision_model.forward
+
+    def counting_forward(pixel_values=None, **kwargs):
+        counted.append(pixel_values.shape[0])
+        return original(pixel_values=pixel_values, **kwargs)
+
+    model.vision_model.forward = counting_forward
+    try:
+        Scorer(loaded["filter"], text_batch_size=2)(
+            torch.randn(4, 3, 32, 32), [["a", "b", "c"], ["d"], [], ["e", "f", "g", "h"]]
+        )
+    finally:
+        model.vision_model.forward = original
+    assert counted == [4]

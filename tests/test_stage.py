@@ -1,0 +1,72 @@
+"""The CapFilt step on rows of real img2dataset shards, without Ray."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.sample_shards import draw_shape, jpeg_bytes
+from capfilt.shard_reader import INPUT_SCHEMA, read_shard
+from capfilt.selection import Policy
+from tests.conftest import make_stage
+
+
+def rows(*items) -> pa.Table:
+    base = {"url": None, "caption": "a red circle", "status": "success", "error_message": None}
+    return pa.Table.from_pylist([{**base, **item} for item in items], schema=INPUT_SCHEMA)
+
+
+GOOD = jpeg_bytes(draw_shape("circle", "red"))
+
+
+def test_a_bad_image_becomes_a_reject_row_and_the_batch_goes_on(loaded):
+    stage = make_stage(loaded)
+    out, rejects = stage(rows(
+        {"key": "ok-1", "jpg": GOOD},
+        {"key": "broken", "jpg": b"\x89PNG\r\n\x1a\n not really"},
+        {"key": "ok-2", "jpg": GOOD, "caption": "   "},
+        {"key": "failed", "jpg": None, "status": "failed_to_download",
+         "error_message": "HTTP Error 404: Not Found"},
+    ))
+    assert out.column("key").to_pylist() == ["ok-1", "ok-2"]
+    assert rejects.column("key").to_pylist() == ["broken", "failed"]
+    assert rejects.column("reason").to_pylist() == ["undecodable_image", "failed_to_download"]
+    assert rejects.column("message").to_pylist()[1] == "HTTP Error 404: Not Found"
+    first, blank = out.to_pylist()
+    assert first["web_caption"] == "a red circle" and 0 <= first["web_itm"] <= 1
+    assert len(first["synthetic_captions"]) == len(first["synthetic_itm"]) == 1
+    assert blank["web_caption"] is None and blank["web_itm"] is None
+    assert (first["width"], first["height"]) == (64, 64)
+
+
+def test_vision_encoders_run_once_per_image(loaded, img2dataset_parquet):
+    table = read_shard(str(img2dataset_parquet / "00000.parquet")).table
+    decodable = sum(1 for s in table.column("status").to_pylist() if s == "success")
+    calls = {"captioner": [], "filter": []}
+    originals = {}
+    for role in calls:
+        vision = loaded[role].model.vision_model
+        originals[role] = vision.forward
+
+        def counting(pixel_values=None, _role=role, **kwargs):
+            calls[_role].append(pixel_values.shape[0])
+            return originals[_role](pixel_values=pixel_values, **kwargs)
+
+        vision.forward = counting
+    try:
+        out, _ = make_stage(loaded, policy=Policy())(table)
+    finally:
+        for role, forward in originals.items():
+            loaded[role].model.vision_model.forward = forward
+    assert out.num_rows == decodable > 0
+    # Two texts per image are scored (web + synthetic), yet one vision pass per image.
+    assert sum(calls["captioner"]) == decodable and sum(calls["filter"]) == decodable
+
+
+def test_policy_only_changes_the_decision_not_the_scores(loaded):
+    table = rows({"key": "a", "jpg": GOOD}, {"key": "b", "jpg": GOOD, "caption": "spam spam"})
+    everything, _ = make_stage(loaded, policy=Policy(threshold=0.0))(table)
+    nothing, _ = make_stage(loaded, policy=Policy(threshold=1.0))(table)
+    assert everything.drop(["kept_captions", "kept_sources"]).equals(
+        nothing.drop(["kept_captions", "kept_sources"]))
+    assert all(len(k) == 2 for k in everything.column("kept_captions").to_pylist())
+    assert all(k == [] for k in nothing.column("kept_captions").to_pylist())

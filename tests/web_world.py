@@ -1,0 +1,80 @@
+"""Real img2dataset output for the tests: images served on 127.0.0.1, downloaded by img2dataset.
+
+Nothing leaves this machine: the HTTP server binds the loopback address and img2dataset runs
+as its own command, exactly as a user runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.sample_shards import COLOURS, SHAPES, draw_shape, jpeg_bytes
+
+
+@contextmanager
+def serve_folder(folder: Path):
+    """An HTTP server for ``folder`` on 127.0.0.1 and a free port; yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def make_site(folder: Path, images: int) -> list[tuple[str, str]]:
+    """Write ``images`` drawn JPEGs plus a broken file; return (file name, caption) pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    colours = list(COLOURS)
+    for i in range(images):
+        shape, colour = SHAPES[i % len(SHAPES)], colours[i % len(colours)]
+        (folder / f"{i:03d}.jpg").write_bytes(jpeg_bytes(draw_shape(shape, colour)))
+        pairs.append((f"{i:03d}.jpg", f"a {colour} {shape}"))
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    pairs.append(("broken.jpg", "a broken file"))
+    pairs.append(("missing.jpg", "a missing file"))
+    return pairs
+
+
+def img2dataset_download(site: Path, work: Path, output_format: str, per_shard: int,
+                         images: int) -> Path:
+    """Run the real ``img2dataset`` command; return its output folder."""
+    pairs = make_site(site, images)
+    out = work / f"img2dataset-{output_format}"
+    with serve_folder(site) as base:
+        urls = work / f"urls-{output_format}.parquet"
+        pq.write_table(
+            pa.table({"url": [f"{base}/{name}" for name, _ in pairs],
+                      "caption": [caption for _, caption in pairs]}),
+            urls,
+        )
+        command = [
+            str(Path(sys.executable).parent / "img2dataset"),
+            f"--url_list={urls}", "--input_format=parquet", "--url_col=url",
+            "--caption_col=caption", f"--output_format={output_format}",
+            f"--output_folder={out}", "--processes_count=1", "--thread_count=4",
+            f"--number_sample_per_shard={per_shard}", "--image_size=64",
+            "--resize_mode=no", "--enable_wandb=False", "--retries=0", "--timeout=5",
+        ]
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+    return out
