@@ -39,21 +39,27 @@ class LoadedModel:
 
 
 def check_model_source(source: str, role: str) -> None:
-    """Fail early, before any work, on a local model folder that is missing or incomplete."""
+    """Fail early, before any work, on a model that is missing, incomplete or not BLIP.
+
+    A local folder is checked file by file; a hub id has its config fetched (the user asked
+    for the hub by naming it), so a typo fails here rather than in every worker.
+    """
     path = Path(source)
-    if not path.exists():
-        if source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise ModelSourceError(
-                f"{role} model {source!r}: no such folder, and not a hub id (owner/name)"
-            )
-        return  # a hub id: from_pretrained resolves it
-    if not (path / "config.json").is_file():
-        raise ModelSourceError(f"{role} model folder {source}: no config.json")
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
-        raise ModelSourceError(f"{role} model folder {source}: no weights file (*.safetensors)")
-    if not any((path / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
-        raise ModelSourceError(f"{role} model folder {source}: no image processor config")
-    model_type = AutoConfig.from_pretrained(source).model_type
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{role} model folder {source}: no config.json")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+            raise ModelSourceError(f"{role} model folder {source}: no weights (*.safetensors)")
+        if not any((path / n).is_file() for n in ("preprocessor_config.json",
+                                                   "processor_config.json")):
+            raise ModelSourceError(f"{role} model folder {source}: no image processor config")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelSourceError(f"{role} model {source!r}: no such folder, and not a hub id")
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise ModelSourceError(f"{role} model {source!r}: cannot load its config ({first_line})")
     if model_type != "blip":
         raise ModelSourceError(
             f"{role} model {source}: model_type {model_type!r}, expected a BLIP checkpoint"

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from capfilt.models import ModelSourceError
+    from pipelines.dispatch import WorkerStartError
     from pipelines.plan import PlanError
 
     try:
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PlanError, ModelSourceError, ValueError) as exc:
         print(f"capfilt: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerStartError as exc:
+        print(f"capfilt: error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def dispatch(
         threads = max(1, int(cpus) // count)
     config = replace(config, device=device)
     pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)
+    wait_until_ready(pool)
 
     def fresh_worker():
         return start_workers(config, 1, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)[0]
@@ -94,6 +95,20 @@ def dispatch(
     for actor in idle:
         ray.kill(actor)
     return results
+
+
+class WorkerStartError(RuntimeError):
+    """Workers could not start (their models would not load, say): nothing was run."""
+
+
+def wait_until_ready(pool: list) -> None:
+    """Block until every worker has loaded its models; fail once, clearly, if one cannot."""
+    try:
+        ray.get([actor.describe.remote() for actor in pool])
+    except RayActorError as exc:
+        for actor in pool:
+            ray.kill(actor)
+        raise WorkerStartError(f"a worker could not start: {exc}") from exc
 
 
 def _failed(index: int, path: str, error: str) -> ShardResult:

@@ -1,0 +1,151 @@
+"""A whole CapFilt round on real Ray, over real img2dataset shards."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.captioner import SamplingConfig
+from capfilt.round_check import check_round
+from capfilt.stage import StageConfig
+from manifests import validate_manifest
+from pipelines.plan import PlanError, RoundOptions
+from pipelines.round import run_round
+
+
+def options(models, inputs, output, **changes) -> RoundOptions:
+    stage = StageConfig(captioner=str(models["captioner"]), filter=str(models["filter"]),
+                        sampling=SamplingConfig(num_captions=2), seed=3)
+    base = dict(inputs=[str(i) for i in inputs], output=str(output), stage=stage,
+                batch_size=4, workers=2)
+    return RoundOptions(**{**base, **changes})
+
+
+def rows_by_key(round_dir: Path) -> dict:
+    table = pq.read_table(round_dir / "shards").drop(["jpg"])
+    return {row["key"]: row for row in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def first_round(ray_local, tiny_models, img2dataset_parquet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rounds") / "round-0001"
+    manifest = run_round(options(tiny_models, [img2dataset_parquet], out))
+    return out, manifest
+
+
+def test_every_input_row_lands_once_in_shards_or_rejects(first_round, img2dataset_parquet):
+    out, manifest = first_round
+    assert manifest.status == "complete" and len(manifest.shards) == 4
+    for shard in manifest.shards:
+        source = pq.read_table(shard.input)
+        written = pq.read_table(out / "shards" / f"{shard.index:05d}.parquet")
+        rejected = pq.read_table(out / "rejects" / f"{shard.index:05d}.parquet")
+        assert shard.rows_in == source.num_rows == written.num_rows + rejected.num_rows
+        assert sorted(source.column("key").to_pylist()) == sorted(
+            written.column("key").to_pylist() + rejected.column("key").to_pylist())
+        failed = {k for k, s in zip(source.column("key").to_pylist(),
+                                    source.column("status").to_pylist()) if s != "success"}
+        assert set(rejected.column("key").to_pylist()) == failed
+    assert manifest.totals.rows_in == 14 and manifest.totals.rows_out == 12
+    assert manifest.totals.rejects_by_reason == {"failed_to_download": 1, "failed_to_resize": 1}
+    assert manifest.totals.texts_by_source == {"web": 12, "synthetic": 24}
+    assert check_round(str(out)) == []
+
+
+def test_manifest_validates_against_the_schema(first_round, tiny_models):
+    out, _ = first_round
+    data = json.loads((out / "manifest.json").read_text())
+    validate_manifest(data)
+    assert data["parameters"]["sampling"]["num_captions"] == 2
+    assert all(len(m["weights_sha256"]) == 64 for m in data["models"])
+    assert all(len(i["sha256"]) == 64 and 0 < i["rows"] <= 4 for i in data["inputs"])
+    assert sum(i["rows"] for i in data["inputs"]) == 14
+    assert set(data["versions"]) >= {"capfilt", "torch", "transformers", "ray"}
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_rerun_skips_finished_shards_and_redoes_a_lost_one_identically(
+    first_round, tiny_models, img2dataset_parquet, tmp_path
+):
+    out = tmp_path / "round"
+    shutil.copytree(first_round[0], out)
+    before = rows_by_key(out)
+    (out / "stats" / "00002.json").unlink()  # as if the worker died before committing
+    (out / "shards" / "00002.parquet").unlink()
+    untouched = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    manifest = run_round(options(tiny_models, [img2dataset_parquet], out))
+    assert manifest.status == "complete"
+    assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())
+    assert (out / "shards" / "00002.parquet").exists()
+    assert rows_by_key(out) == before
+
+
+def test_same_captions_with_another_batch_size(first_round, tiny_models, img2dataset_parquet,
+                                               tmp_path):
+    manifest = run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "r",
+                                 batch_size=3, workers=1))
+    assert manifest.status == "complete"
+    ours, theirs = rows_by_key(tmp_path / "r"), rows_by_key(first_round[0])
+    assert {k: r["synthetic_captions"] for k, r in ours.items()} == {
+        k: r["synthetic_captions"] for k, r in theirs.items()}
+
+
+def test_a_rerun_with_other_settings_is_refused(first_round, tiny_models, img2dataset_parquet):
+    with pytest.raises(PlanError, match="seed was 3, now 4"):
+        changed = options(tiny_models, [img2dataset_parquet], first_round[0])
+        changed.stage = StageConfig(**{**changed.stage.__dict__, "seed": 4})
+        run_round(changed)
+
+
+def test_webdataset_input(ray_local, tiny_models, img2dataset_webdataset, tmp_path):
+    manifest = run_round(options(tiny_models, [f"{img2dataset_webdataset}/*.tar"],
+                                 tmp_path / "r"))
+    assert manifest.status == "complete"
+    assert {i.format for i in manifest.inputs} == {"webdataset"}
+    assert manifest.totals.rows_out == 12 and check_round(str(tmp_path / "r")) == []
+
+
+def test_an_unreadable_shard_fails_alone_and_a_rerun_retries_only_it(
+    ray_local, tiny_models, img2dataset_parquet, tmp_path
+):
+    inputs = tmp_path / "in"
+    shutil.copytree(img2dataset_parquet, inputs)
+    good = (inputs / "00001.parquet").read_bytes()
+    (inputs / "00001.parquet").write_bytes(good[: len(good) // 2])  # truncated
+    out = tmp_path / "r"
+    manifest = run_round(options(tiny_models, [f"{inputs}/*.parquet"], out))
+    assert manifest.status == "incomplete"
+    failed = [s for s in manifest.shards if s.status == "failed"]
+    assert [s.index for s in failed] == [1] and "not a readable parquet" in failed[0].error
+    assert manifest.totals.shards_done == 3
+    validate_manifest(json.loads((out / "manifest.json").read_text()))
+    (inputs / "00001.parquet").write_bytes(good)
+    others = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    manifest = run_round(options(tiny_models, [f"{inputs}/*.parquet"], out))
+    assert manifest.status == "complete" and check_round(str(out)) == []
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())
+
+
+def capfilt(*args, cwd):
+    command = [str(Path(sys.executable).parent / "capfilt"), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def test_command_line_end_to_end(tmp_path, img2dataset_parquet):
+    made = capfilt("tiny-models", "M", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    ran = capfilt("run", "--input", f"{img2dataset_parquet}/*.parquet", "--output", "R",
+                  "--captioner", "M/captioner", "--filter", "M/filter", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "round 1: complete" in ran.stdout and "shards 4/4 done" in ran.stderr
+    checked = capfilt("validate", "R", cwd=tmp_path)
+    assert checked.returncode == 0 and "every input row accounted for" in checked.stdout
+    missing = capfilt("run", "--input", f"{img2dataset_parquet}/*.parquet", "--output", "R2",
+                      "--captioner", "./nowhere/captioner", "--filter", "M/filter", cwd=tmp_path)
+    assert missing.returncode == 2 and "captioner model" in missing.stderr
