@@ -14,15 +14,38 @@ from capfilt.models import LoadedModel
 
 # BLIP pads ITM text to 35 tokens; longer web captions are truncated there.
 MAX_TEXT_TOKENS = 35
+ITM_FIRST_TOKENS = ("enc", "cls")
+
+
+def enc_token_id(tokenizer, text_config) -> int:
+    """BLIP's [ENC]: in the tokenizer if it knows it, else the id after [DEC] (30523 in BLIP)."""
+    known = tokenizer.convert_tokens_to_ids("[ENC]")
+    if known is not None and known != tokenizer.unk_token_id:
+        return known
+    candidate = text_config.bos_token_id + 1
+    if candidate >= text_config.vocab_size:
+        raise ValueError("this checkpoint has no [ENC] token; score with itm_token='cls'")
+    return candidate
 
 
 class Scorer:
-    """Images and their texts -> per-pair ITM probability and ITC cosine."""
+    """Images and their texts -> per-pair ITM probability and ITC cosine.
+
+    ``itm_token``: BLIP trained and ran its ITM head on text starting with [ENC] ("enc", the
+    default, which the paper's 0.5 threshold was set with); Hugging Face's
+    ``BlipForImageTextRetrieval`` keeps [CLS] ("cls"). ITC always uses [CLS], as both do.
+    """
 
     def __init__(self, loaded: LoadedModel, max_text_tokens: int = MAX_TEXT_TOKENS,
-                 text_batch_size: int = 256):
+                 text_batch_size: int = 256, itm_token: str = "enc"):
+        if itm_token not in ITM_FIRST_TOKENS:
+            raise ValueError(f"itm_token {itm_token!r}: use 'enc' or 'cls'")
         self.model = loaded.model
         self.tokenizer = loaded.processor.tokenizer
+        self.itm_first_id = (
+            enc_token_id(self.tokenizer, self.model.config.text_config)
+            if itm_token == "enc" else None
+        )
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.max_text_tokens = max_text_tokens
@@ -61,8 +84,12 @@ class Scorer:
         text_feat = F.normalize(self.model.text_proj(text_out[:, 0, :]).float(), dim=-1)
         itc = (image_feat * text_feat).sum(dim=-1)
         image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        itm_ids = tokens.input_ids
+        if self.itm_first_id is not None:
+            itm_ids = itm_ids.clone()
+            itm_ids[:, 0] = self.itm_first_id
         fused = self.model.text_encoder(
-            input_ids=tokens.input_ids,
+            input_ids=itm_ids,
             attention_mask=tokens.attention_mask,
             encoder_hidden_states=embeds,
             encoder_attention_mask=image_mask,

@@ -61,6 +61,7 @@ class StageConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    itm_token: str = "enc"
     decode_threads: int = 2
 
     def to_dict(self) -> dict:
@@ -94,7 +95,7 @@ class CapFiltStage:
         filter_model = load_model(config.filter, "filter", config.device, config.dtype)
         return cls(
             Captioner(captioner_model, config.sampling, config.seed),
-            Scorer(filter_model),
+            Scorer(filter_model, itm_token=config.itm_token),
             config.policy,
             ImageTransform.from_processor(captioner_model.processor.image_processor),
             ImageTransform.from_processor(filter_model.processor.image_processor),

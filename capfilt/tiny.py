@@ -39,7 +39,7 @@ def tiny_vocabulary() -> list[str]:
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     punctuation = list(".,!?'\"-:;/()&#@%+=_*")
     pieces = [f"##{c}" for c in chars]
-    vocab = SPECIAL_TOKENS + list(dict.fromkeys(WORDS)) + chars + punctuation + pieces
+    vocab = list(dict.fromkeys(SPECIAL_TOKENS + WORDS + chars + punctuation + pieces))
     return vocab + TASK_TOKENS
 
 

@@ -92,6 +92,9 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     sampling.add_argument("--min-new-tokens", type=int, default=1)
     sampling.add_argument("--num-beams", type=int, default=3)
 
+    models.add_argument("--itm-token", default="enc", choices=["enc", "cls"],
+                        help="first token of ITM text: BLIP's [ENC] (default) or HF's [CLS]")
+
     policy = run.add_argument_group("selection")
     policy.add_argument("--policy", default="threshold", choices=["threshold", "topk", "both"])
     policy.add_argument("--threshold", type=float, default=0.5, help="ITM probability to keep")
@@ -122,7 +125,8 @@ def round_options(args: argparse.Namespace):
     policy = Policy(mode=args.policy, threshold=args.threshold, top_k=args.keep,
                     rank_by=args.rank_by)
     stage = StageConfig(captioner=args.captioner, filter=args.filter, sampling=sampling,
-                        policy=policy, seed=args.seed, dtype=args.dtype)
+                        policy=policy, seed=args.seed, dtype=args.dtype,
+                        itm_token=args.itm_token)
     reader = ReaderOptions(image_column=args.image_column, caption_column=args.caption_column,
                            key_column=args.key_column, url_column=args.url_column)
     return RoundOptions(inputs=args.input, output=args.output, stage=stage,

@@ -6,8 +6,10 @@ import torch
 from capfilt.scorer import Scorer
 
 
-def test_scores_equal_transformers_per_pair(loaded):
-    scorer = Scorer(loaded["filter"])
+@pytest.mark.parametrize("itm_token", ["cls", "enc"])
+def test_scores_equal_transformers_per_pair(loaded, itm_token):
+    """'cls' is HF's forward as it is; 'enc' is HF's forward with BLIP's [ENC] first."""
+    scorer = Scorer(loaded["filter"], itm_token=itm_token)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     texts = [["a red circle", "a blue square on the left"], ["two dogs"],
              ["x", "a picture of a cat", "the sky " * 40]]
@@ -16,8 +18,11 @@ def test_scores_equal_transformers_per_pair(loaded):
     for i, group in enumerate(texts):
         for j, text in enumerate(group):
             tokens = tokenizer([text], truncation=True, max_length=35, return_tensors="pt")
+            itm_ids = tokens.input_ids.clone()
+            if itm_token == "enc":
+                itm_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
             with torch.no_grad():
-                match = model(pixel_values=images[i : i + 1], input_ids=tokens.input_ids,
+                match = model(pixel_values=images[i : i + 1], input_ids=itm_ids,
                               attention_mask=tokens.attention_mask, use_itm_head=True)
                 cosine = model(pixel_values=images[i : i + 1], input_ids=tokens.input_ids,
                                attention_mask=tokens.attention_mask, use_itm_head=False)
@@ -42,3 +47,12 @@ def test_vision_encoder_runs_once_per_image(loaded):
     finally:
         model.vision_model.forward = original
     assert counted == [4]
+
+
+def test_enc_and_cls_give_different_itm_but_the_same_itc(loaded):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    texts = [["a red circle"], ["a blue square"]]
+    enc_itm, enc_itc = Scorer(loaded["filter"], itm_token="enc")(images, texts)
+    cls_itm, cls_itc = Scorer(loaded["filter"], itm_token="cls")(images, texts)
+    assert enc_itc == cls_itc
+    assert enc_itm != cls_itm
