@@ -103,12 +103,42 @@ def read_shard(url: str, options: ReaderOptions = ReaderOptions()) -> ShardData:
         raise ShardReadError(f"{url}: file not found") from exc
     except OSError as exc:
         raise ShardReadError(f"{url}: cannot be read ({exc})") from exc
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data)
     if shard_format(url) == "parquet":
         table, warnings = _parquet_rows(url, data, options)
     else:
         table, warnings = _webdataset_rows(url, data)
-    return ShardData(table=table, sha256=digest, nbytes=len(data), warnings=warnings)
+        sidecar = _read_sidecar(url)
+        if sidecar is not None:
+            digest.update(sidecar)
+            table = pa.concat_tables([table, _sidecar_failures(url, sidecar, table)])
+    return ShardData(table=table, sha256=digest.hexdigest(), nbytes=len(data), warnings=warnings)
+
+
+def _read_sidecar(url: str) -> bytes | None:
+    """img2dataset's webdataset output keeps every row, failed ones too, in NNNNN.parquet."""
+    try:
+        with fsspec.open(url[: -len(".tar")] + ".parquet", "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _sidecar_failures(url: str, sidecar: bytes, in_tar: pa.Table) -> pa.Table:
+    """The failed downloads the tar does not hold, as rows without image bytes."""
+    try:
+        meta = pq.read_table(pa.BufferReader(sidecar))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardReadError(f"{url}: its metadata parquet is unreadable ({exc})") from exc
+    if "status" not in meta.column_names or "key" not in meta.column_names:
+        return INPUT_SCHEMA.empty_table()
+    present = set(in_tar.column("key").to_pylist())
+    rows = [
+        {name: row.get(name) for name in INPUT_SCHEMA.names if name != "jpg"}
+        for row in meta.to_pylist()
+        if row["status"] != SUCCESS and row["key"] not in present
+    ]
+    return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
 
 
 def _parquet_rows(url: str, data: bytes, options: ReaderOptions) -> tuple[pa.Table, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +37,7 @@ def run_shard(
         log.warning("%s: %s", input_path, warning)
     table, duplicates = split_duplicate_keys(shard.table)
     outputs, rejects = [], [duplicates]
-    for start in range(0, table.num_rows, batch_size):
-        rows, rejected = stage(table.slice(start, batch_size))
+    for rows, rejected in overlapped(stage, table, batch_size):
         outputs.append(rows)
         rejects.append(rejected)
     rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
@@ -61,6 +61,20 @@ def run_shard(
     result.seconds = round(time.perf_counter() - started, 3)
     commit_shard(round_dir, result, rows, rejected)
     return result
+
+
+def overlapped(stage: CapFiltStage, table: pa.Table, batch_size: int):
+    """Yield each batch's results while the next batch decodes on a CPU thread."""
+    starts = range(0, table.num_rows, batch_size)
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = None
+        for start in starts:
+            upcoming = ahead.submit(stage.prepare, table.slice(start, batch_size))
+            if pending is not None:
+                yield stage.compute(pending.result())
+            pending = upcoming
+        if pending is not None:
+            yield stage.compute(pending.result())
 
 
 def split_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -103,18 +103,25 @@ class CapFiltStage:
         )
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        return self.compute(self.prepare(table))
+
+    def prepare(self, table: pa.Table) -> "Prepared":
+        """The CPU half: decode and transform every image (threads). Runs ahead of ``compute``."""
         rows = table.to_pylist()
-        rejects: list[dict] = []
-        good: list[tuple[dict, torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+        prepared = Prepared()
         for row, decoded in zip(rows, self.pool.map(self._prepare, rows)):
             if isinstance(decoded, ImageRejected):
-                rejects.append(reject_row(row, decoded.reason, str(decoded)))
+                prepared.rejects.append(reject_row(row, decoded.reason, str(decoded)))
             else:
-                good.append((row, *decoded))
-        out = self._score(good) if good else []
+                prepared.good.append((row, *decoded))
+        return prepared
+
+    def compute(self, prepared: "Prepared") -> tuple[pa.Table, pa.Table]:
+        """The model half: caption, score and select the decoded images."""
+        out = self._score(prepared.good) if prepared.good else []
         return (
             pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA),
-            pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
+            pa.Table.from_pylist(prepared.rejects, schema=REJECT_SCHEMA),
         )
 
     def _prepare(self, row: dict):
@@ -169,6 +176,14 @@ class CapFiltStage:
                 }
             )
         return out
+
+
+@dataclass
+class Prepared:
+    """A batch after decoding: usable rows with their pixels, and the rows already rejected."""
+
+    good: list = field(default_factory=list)  # (row, caption pixels, filter pixels, size)
+    rejects: list[dict] = field(default_factory=list)
 
 
 def reject_row(row: dict, reason: str, message: str) -> dict:

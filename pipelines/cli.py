@@ -72,7 +72,8 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     io.add_argument("--caption-column", default="caption")
     io.add_argument("--key-column", default="key")
     io.add_argument("--url-column", default="url")
-    io.add_argument("--round", type=int, default=1, help="round number in the bootstrap")
+    io.add_argument("--round", type=int, default=None,
+                    help="round number in the bootstrap (default: the parent's + 1, or 1)")
     io.add_argument("--parent", default=None, help="the previous round's folder")
 
     models = run.add_argument_group("models")
@@ -131,7 +132,20 @@ def round_options(args: argparse.Namespace):
                            key_column=args.key_column, url_column=args.url_column)
     return RoundOptions(inputs=args.input, output=args.output, stage=stage,
                         batch_size=args.batch_size, workers=args.workers, address=args.address,
-                        reader=reader, round=args.round, parent=args.parent)
+                        reader=reader, round=args.round or _next_round(args.parent),
+                        parent=args.parent)
+
+
+def _next_round(parent: str | None) -> int:
+    from manifests import ManifestError, read_manifest
+    from pipelines.plan import PlanError
+
+    if not parent:
+        return 1
+    try:
+        return read_manifest(parent).round + 1
+    except ManifestError as exc:
+        raise PlanError(f"--parent: {exc}") from exc
 
 
 def print_summary(manifest, output: str) -> None:

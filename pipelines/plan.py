@@ -11,7 +11,7 @@ from capfilt.models import check_model_source
 from capfilt.round_folder import finished_shard, plan_path
 from capfilt.shard_reader import ReaderOptions, expand_inputs, shard_format
 from capfilt.stage import StageConfig
-from manifests import ShardResult
+from manifests import ManifestError, ShardResult, read_manifest
 from manifests.store import read_json, write_json_atomic
 
 
@@ -67,6 +67,14 @@ def plan_round(options: RoundOptions) -> RoundPlan:
         shards = expand_inputs(options.inputs)
     except ValueError as exc:
         raise PlanError(str(exc)) from exc
+    if options.parent:
+        try:
+            parent = read_manifest(options.parent)
+        except ManifestError as exc:
+            raise PlanError(f"--parent: {exc}") from exc
+        if options.round <= parent.round:
+            raise PlanError(f"--round {options.round} must come after the parent's round "
+                            f"{parent.round}")
     check_model_source(options.stage.captioner, "captioner")
     check_model_source(options.stage.filter, "filter")
     _check_writable(options.output)

@@ -35,8 +35,12 @@ def test_img2dataset_webdataset_tars_are_read_and_their_metadata_parquet_skipped
     shards = expand_inputs([str(img2dataset_webdataset)])
     assert shards and all(s.endswith(".tar") for s in shards)
     rows = [r for s in shards for r in read_shard(s).table.to_pylist()]
-    assert len(rows) == 12
-    assert all(r["jpg"] and r["caption"].startswith("a ") and r["url"] for r in rows)
+    images = [r for r in rows if r["status"] == "success"]
+    assert len(images) == 12
+    assert all(r["jpg"] and r["caption"].startswith("a ") and r["url"] for r in images)
+    # The failures img2dataset kept only in its metadata parquet come through too.
+    failed = sorted((r["status"], r["jpg"]) for r in rows if r["status"] != "success")
+    assert failed == [("failed_to_download", None), ("failed_to_resize", None)]
 
 
 def test_globs_brace_ranges_and_file_urls(img2dataset_parquet):

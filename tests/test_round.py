@@ -102,12 +102,23 @@ def test_a_rerun_with_other_settings_is_refused(first_round, tiny_models, img2da
         run_round(changed)
 
 
+def test_a_round_names_its_parent(first_round, tiny_models, img2dataset_parquet, tmp_path):
+    manifest = run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "round-0002",
+                                 round=2, parent=str(first_round[0]), workers=1))
+    assert (manifest.round, manifest.parent) == (2, str(first_round[0]))
+    with pytest.raises(PlanError, match="no manifest"):
+        run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "x", round=2,
+                          parent=str(tmp_path / "nowhere")))
+
+
 def test_webdataset_input(ray_local, tiny_models, img2dataset_webdataset, tmp_path):
     manifest = run_round(options(tiny_models, [f"{img2dataset_webdataset}/*.tar"],
                                  tmp_path / "r"))
     assert manifest.status == "complete"
     assert {i.format for i in manifest.inputs} == {"webdataset"}
-    assert manifest.totals.rows_out == 12 and check_round(str(tmp_path / "r")) == []
+    assert manifest.totals.rows_in == 14 and manifest.totals.rows_out == 12
+    assert manifest.totals.rejects_by_reason == {"failed_to_download": 1, "failed_to_resize": 1}
+    assert check_round(str(tmp_path / "r")) == []
 
 
 def test_an_unreadable_shard_fails_alone_and_a_rerun_retries_only_it(
