@@ -58,7 +58,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB as ``transformers.image_transforms.convert_to_rgb`` does it (transparent -> white)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("P", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         background = Image.new("RGBA", image.size, (255, 255, 255))

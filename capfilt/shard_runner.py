@@ -25,6 +25,7 @@ def run_shard(
     round_dir: str,
     batch_size: int,
     reader: ReaderOptions = ReaderOptions(),
+    attempt: int = 1,
 ) -> ShardResult:
     """Process a whole shard and commit it; a shard that cannot be read comes back failed."""
     started = time.perf_counter()
@@ -32,7 +33,8 @@ def run_shard(
         shard = read_shard(input_path, reader)
     except ShardReadError as exc:
         log.error("shard %05d failed: %s", index, exc)
-        return ShardResult(index=index, input=input_path, status=ShardStatus.FAILED, error=str(exc))
+        return ShardResult(index=index, input=input_path, status=ShardStatus.FAILED,
+                           attempts=attempt, error=str(exc))
     for warning in shard.warnings:
         log.warning("%s: %s", input_path, warning)
     table, duplicates = split_duplicate_keys(shard.table)
@@ -56,6 +58,7 @@ def run_shard(
         rows_rejected=rejected.num_rows,
         input_sha256=shard.sha256,
         input_bytes=shard.nbytes,
+        attempts=attempt,
         **shard_counts(rows, rejected),
     )
     result.seconds = round(time.perf_counter() - started, 3)

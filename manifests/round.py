@@ -58,6 +58,7 @@ class ShardResult:
     input_sha256: str | None = None
     input_bytes: int | None = None
     seconds: float = 0.0
+    attempts: int = 1
     error: str | None = None
 
     @classmethod

@@ -71,7 +71,7 @@ def dispatch(
         while queue and idle:
             actor = idle.popleft()
             index, path, attempt = queue.popleft()
-            ref = actor.process.remote(index, path, round_dir, batch_size, reader)
+            ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt)
             running[ref] = (actor, index, path, attempt)
         ready, _ = ray.wait(list(running), num_returns=1)
         ref = ready[0]
@@ -85,11 +85,11 @@ def dispatch(
             if attempt < MAX_ATTEMPTS:
                 queue.append((index, path, attempt + 1))
                 continue
-            result = _failed(index, path, f"worker died {attempt} times: {exc}")
+            result = _failed(index, path, attempt, f"worker died {attempt} times: {exc}")
         except RayTaskError as exc:
             log.error("shard %05d raised: %s", index, exc)
             idle.append(actor)
-            result = _failed(index, path, f"{type(exc.cause).__name__}: {exc.cause}")
+            result = _failed(index, path, attempt, f"{type(exc.cause).__name__}: {exc.cause}")
         results.append(result)
         on_result(result)
     for actor in idle:
@@ -111,5 +111,6 @@ def wait_until_ready(pool: list) -> None:
         raise WorkerStartError(f"a worker could not start: {exc}") from exc
 
 
-def _failed(index: int, path: str, error: str) -> ShardResult:
-    return ShardResult(index=index, input=path, status=ShardStatus.FAILED, error=error)
+def _failed(index: int, path: str, attempt: int, error: str) -> ShardResult:
+    return ShardResult(index=index, input=path, status=ShardStatus.FAILED, attempts=attempt,
+                       error=error)

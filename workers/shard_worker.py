@@ -27,13 +27,16 @@ class ShardWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id()}
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
-                reader: ReaderOptions) -> dict:
-        result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader)
+                reader: ReaderOptions, attempt: int = 1) -> dict:
+        result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt)
         return result.__dict__
 
 
 def start_workers(config: StageConfig, count: int, *, gpus: float, cpus: float,
                   torch_threads: int | None) -> list:
     """Start ``count`` actors; each asks for ``gpus`` GPUs (one per actor on GPU machines)."""
-    actor = ray.remote(ShardWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=0)
+    # SPREAD: on a cluster, workers go to different nodes before doubling up on one.
+    actor = ray.remote(ShardWorker).options(
+        num_gpus=gpus, num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD"
+    )
     return [actor.remote(config, torch_threads) for _ in range(count)]

@@ -1,0 +1,125 @@
+"""Faults done for real: a worker process killed mid-round, the driver killed mid-round."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from capfilt.captioner import SamplingConfig
+from capfilt.sample_shards import write_sample_shards
+from capfilt.stage import StageConfig
+from pipelines.plan import RoundOptions
+from pipelines.round import run_round
+
+SHARDS, ROWS = 6, 96
+
+
+def worker_pids() -> list[int]:
+    """Processes Ray titled as our actor (``ray::ShardWorker...``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::ShardWorker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")
+
+
+def round_options(models, inputs, output, **changes):
+    stage = StageConfig(captioner=str(models["captioner"]), filter=str(models["filter"]),
+                        sampling=SamplingConfig(num_captions=2), seed=11)
+    values = dict(inputs=[str(inputs)], output=str(output), stage=stage, batch_size=8,
+                  workers=1)
+    return RoundOptions(**{**values, **changes})
+
+
+def shard_bytes(round_dir: Path) -> dict:
+    return {p.relative_to(round_dir).as_posix(): p.read_bytes()
+            for folder in ("shards", "rejects") for p in sorted((round_dir / folder).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fault-input")
+    write_sample_shards(folder, shards=SHARDS, rows=ROWS, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tiny_models, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "round"
+    assert run_round(round_options(tiny_models, inputs, out)).status == "complete"
+    return out
+
+
+def test_same_inputs_give_byte_identical_shards(uninterrupted, tiny_models, inputs, tmp_path):
+    again = tmp_path / "again"
+    run_round(round_options(tiny_models, inputs, again))
+    assert shard_bytes(again) == shard_bytes(uninterrupted)
+
+
+def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(uninterrupted, tiny_models,
+                                                                inputs, tmp_path):
+    out = tmp_path / "round"
+    before = set(worker_pids())
+    outcome = {}
+    driver = threading.Thread(
+        target=lambda: outcome.update(manifest=run_round(round_options(tiny_models, inputs, out))))
+    driver.start()
+    # Once a shard is committed, the worker is busy with the next one: kill its process.
+    wait_for(lambda: (out / "stats" / "00000.json").exists())
+    [victim] = wait_for(lambda: [p for p in worker_pids() if p not in before])
+    os.kill(victim, signal.SIGKILL)
+    driver.join(timeout=300)
+    manifest = outcome["manifest"]
+    assert manifest.status == "complete"
+    assert max(s.attempts for s in manifest.shards) == 2
+    assert shard_bytes(out) == shard_bytes(uninterrupted)
+    assert manifest.totals.rows_in == SHARDS * ROWS
+
+
+def capfilt_command(models, inputs, output) -> list[str]:
+    return [str(Path(sys.executable).parent / "capfilt"), "run", "--input", str(inputs),
+            "--output", str(output), "--captioner", str(models["captioner"]),
+            "--filter", str(models["filter"]), "--num-captions", "2", "--seed", "11",
+            "--batch-size", "8", "--workers", "1"]
+
+
+def test_the_driver_killed_mid_round_then_rerun_gives_the_uninterrupted_output(
+    uninterrupted, tiny_models, inputs, tmp_path
+):
+    out = tmp_path / "round"
+    command = capfilt_command(tiny_models, inputs, out)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (out / "stats" / "00001.json").exists())
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (out / "manifest.json").exists()
+    done_before = len(list((out / "stats").glob("*.json")))
+    assert 2 <= done_before < SHARDS
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"shards {SHARDS}/{SHARDS} done" in rerun.stderr
+    assert shard_bytes(out) == shard_bytes(uninterrupted)
