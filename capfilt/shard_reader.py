@@ -70,6 +70,9 @@ def shard_format(path: str) -> str:
 def expand_inputs(patterns: list[str]) -> list[str]:
     """Expand brace ranges, globs and folders (any fsspec URL) to a sorted list of shards.
 
+    A pattern that matches nothing is an error; a plainly named file that is missing stays in
+    the list, so that its shard is recorded as failed ("file not found") and the rest run.
+
     A folder of img2dataset webdataset output holds ``NNNNN.tar`` and a metadata
     ``NNNNN.parquet`` beside it: the tar is the shard, the parquet is skipped.
     """
@@ -84,7 +87,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             elif any(ch in path for ch in "*?["):
                 matches = fs.glob(path)
             else:
-                matches = [path] if fs.exists(path) else []
+                matches = [path]
             if not matches:
                 raise ShardReadError(f"input {one!r} matches no file")
             found += [p if "://" not in one else fs.unstrip_protocol(p) for p in matches]
@@ -157,9 +160,14 @@ def _parquet_rows(url: str, data: bytes, options: ReaderOptions) -> tuple[pa.Tab
     stem = posixpath.basename(url).rsplit(".", 1)[0]
 
     def column(name: str, kind: pa.DataType):
-        if name in names:
-            return raw.column(name).cast(kind)
-        return None
+        if name not in names:
+            return None
+        values = raw.column(name)
+        if kind == pa.string() and pa.types.is_binary(values.type):
+            # Text stored as bytes may not be UTF-8: decode leniently, never fail the shard.
+            return pa.array([None if v is None else v.decode("utf-8", errors="replace")
+                             for v in values.to_pylist()], pa.string())
+        return values.cast(kind)
 
     keys = column(options.key_column, pa.string())
     if keys is None:
@@ -202,7 +210,7 @@ def _webdataset_rows(url: str, data: bytes) -> tuple[pa.Table, list[str]]:
                 handle = archive.extractfile(member)
                 samples.setdefault(key, {})[extension.lower()] = handle.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError(f"{url}: not a readable tar file ({exc})") from exc
+        raise ShardReadError(f"{url}: not a readable tar file ({' '.join(str(exc).split())})") from exc
     rows = {name: [] for name in INPUT_SCHEMA.names}
     for key, parts in samples.items():
         meta = {}

@@ -7,6 +7,8 @@ and inside a Ray actor.
 
 from __future__ import annotations
 
+import html
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -68,10 +70,19 @@ class StageConfig:
         return asdict(self)
 
 
+_TAG = re.compile(r"<[^>]{0,500}>")
+
+
 def clean_caption(text: str | None) -> str | None:
-    """Whitespace-collapsed web caption; empty becomes None (the image then has no web text)."""
+    """The web caption as text: HTML tags dropped, entities decoded, whitespace collapsed.
+
+    Empty becomes None: the image then has no web text, and its synthetic captions alone are
+    scored.
+    """
     if text is None:
         return None
+    if "<" in text or "&" in text:
+        text = html.unescape(_TAG.sub(" ", text))
     text = " ".join(text.split())
     return text or None
 

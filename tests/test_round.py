@@ -121,23 +121,30 @@ def test_webdataset_input(ray_local, tiny_models, img2dataset_webdataset, tmp_pa
     assert check_round(str(tmp_path / "r")) == []
 
 
-def test_an_unreadable_shard_fails_alone_and_a_rerun_retries_only_it(
-    ray_local, tiny_models, img2dataset_parquet, tmp_path
+def test_unreadable_shards_fail_alone_and_a_rerun_retries_only_them(
+    ray_local, tiny_models, img2dataset_parquet, img2dataset_webdataset, tmp_path
 ):
     inputs = tmp_path / "in"
     shutil.copytree(img2dataset_parquet, inputs)
     good = (inputs / "00001.parquet").read_bytes()
     (inputs / "00001.parquet").write_bytes(good[: len(good) // 2])  # truncated
+    tar = (img2dataset_webdataset / "00000.tar").read_bytes()
+    (inputs / "00004.tar").write_bytes(tar[: len(tar) // 2])  # truncated mid-member
+    named = [f"{inputs}/*.parquet", str(inputs / "00004.tar"), str(inputs / "00005.parquet")]
     out = tmp_path / "r"
-    manifest = run_round(options(tiny_models, [f"{inputs}/*.parquet"], out))
+    manifest = run_round(options(tiny_models, named, out))
     assert manifest.status == "incomplete"
-    failed = [s for s in manifest.shards if s.status == "failed"]
-    assert [s.index for s in failed] == [1] and "not a readable parquet" in failed[0].error
+    failed = {s.index: s.error for s in manifest.shards if s.status == "failed"}
+    assert sorted(failed) == [1, 4, 5]
+    assert "not a readable parquet" in failed[1]
+    assert "not a readable tar" in failed[4] and "file not found" in failed[5]
     assert manifest.totals.shards_done == 3
     validate_manifest(json.loads((out / "manifest.json").read_text()))
     (inputs / "00001.parquet").write_bytes(good)
+    (inputs / "00004.tar").write_bytes(tar)
+    shutil.copy(inputs / "00000.parquet", inputs / "00005.parquet")
     others = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
-    manifest = run_round(options(tiny_models, [f"{inputs}/*.parquet"], out))
+    manifest = run_round(options(tiny_models, named, out))
     assert manifest.status == "complete" and check_round(str(out)) == []
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())
 
