@@ -47,8 +47,13 @@ def write_parquet_atomic(url: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(buffer.getvalue())
+    try:
+        with fs.open(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
+    except OSError:
+        if fs.exists(tmp):
+            fs.rm(tmp)  # out of disk, say: leave no half-written file behind
+        raise
     fs.mv(tmp, path)
 
 

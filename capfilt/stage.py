@@ -8,6 +8,7 @@ and inside a Ray actor.
 from __future__ import annotations
 
 import html
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ from capfilt.models import load_model
 from capfilt.scorer import Scorer
 from capfilt.selection import Policy, candidates, select
 from capfilt.shard_reader import SUCCESS
+
+log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -99,6 +102,7 @@ class CapFiltStage:
         self.caption_transform = caption_transform
         self.filter_transform = filter_transform
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads))
+        self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
     @classmethod
     def from_config(cls, config: StageConfig) -> "CapFiltStage":
@@ -128,12 +132,36 @@ class CapFiltStage:
         return prepared
 
     def compute(self, prepared: "Prepared") -> tuple[pa.Table, pa.Table]:
-        """The model half: caption, score and select the decoded images."""
-        out = self._score(prepared.good) if prepared.good else []
+        """The model half: caption, score and select the decoded images.
+
+        Out of memory, the batch is split in halves and retried, and later batches stay at the
+        size that fitted; only an image that fails alone is rejected (``out_of_memory``).
+        """
+        out, rejects = [], list(prepared.rejects)
+        good = prepared.good
+        step = self.max_rows or len(good) or 1
+        for start in range(0, len(good), step):
+            out += self._score_fitting(good[start : start + step], rejects)
         return (
             pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA),
-            pa.Table.from_pylist(prepared.rejects, schema=REJECT_SCHEMA),
+            pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
         )
+
+    def _score_fitting(self, good: list, rejects: list[dict]) -> list[dict]:
+        try:
+            return self._score(good)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            message = " ".join(str(exc).split())[:300]
+        release_memory()
+        if len(good) == 1:
+            rejects.append(reject_row(good[0][0], "out_of_memory", message))
+            return []
+        half = len(good) // 2
+        self.max_rows = half
+        log.warning("out of memory on %d images; retrying in batches of %d", len(good), half)
+        return self._score_fitting(good[:half], rejects) + self._score_fitting(good[half:], rejects)
 
     def _prepare(self, row: dict):
         """Decode once and build both models' pixels; a rejected image comes back as the error."""
@@ -187,6 +215,16 @@ class CapFiltStage:
                 }
             )
         return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from dataclasses import dataclass, field
 
@@ -95,7 +96,31 @@ def plan_round(options: RoundOptions) -> RoundPlan:
         result = finished_shard(options.output, index, shard)
         if result is not None:
             done[index] = result
-    return RoundPlan(options=options, shards=shards, done=done)
+    plan = RoundPlan(options=options, shards=shards, done=done)
+    _check_space(options.output, [path for _, path in plan.todo])
+    return plan
+
+
+def _check_space(output: str, todo: list[str]) -> None:
+    """Output shards carry the images, so a round needs about its inputs' size on disk."""
+    fs, path = fsspec.core.url_to_fs(output)
+    if "file" not in fs.protocol and "local" not in fs.protocol:
+        return  # object stores report no free space
+    needed = 0
+    for shard in todo:
+        shard_fs, shard_path = fsspec.core.url_to_fs(shard)
+        try:
+            needed += shard_fs.size(shard_path)
+        except FileNotFoundError:
+            continue  # recorded as a failed shard when its turn comes
+    needed = int(needed * 1.05) + (1 << 20)
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise PlanError(
+            f"output folder {output} has {free / 2**20:.1f} MiB free; this round needs about "
+            f"{needed / 2**20:.1f} MiB (output shards carry the images); free some space or "
+            "choose another --output"
+        )
 
 
 def _check_writable(output: str) -> None:

@@ -1,5 +1,6 @@
 """Faults done for real: a worker process killed mid-round, the driver killed mid-round."""
 
+import json
 import os
 import signal
 import subprocess
@@ -123,3 +124,18 @@ def test_the_driver_killed_mid_round_then_rerun_gives_the_uninterrupted_output(
     assert rerun.returncode == 0, rerun.stderr
     assert f"shards {SHARDS}/{SHARDS} done" in rerun.stderr
     assert shard_bytes(out) == shard_bytes(uninterrupted)
+
+
+def test_out_of_memory_splits_the_batch_instead_of_failing(tmp_path):
+    """A real allocation failure (the process's address space is capped), not a raised fake."""
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.memory_limited_run", str(tmp_path), "48", "400"],
+        capture_output=True, text=True, timeout=300, env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert "out of memory on 48 images" in child.stderr
+    assert report["rows"] == report["good"] == 48 and report["rejects"] == []
+    assert report["max_rows"] < 48

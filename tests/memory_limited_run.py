@@ -1,0 +1,46 @@
+"""Run the CapFilt step under a real memory limit (RLIMIT_AS), in its own process.
+
+Used by test_out_of_memory: the limit is set after the models are loaded and the batch is
+decoded, with room for a few images at a time but not for the whole batch.
+"""
+
+import json
+import resource
+import sys
+
+import pyarrow as pa
+
+from capfilt.models import load_model
+from capfilt.sample_shards import sample_rows
+from capfilt.shard_reader import INPUT_SCHEMA
+from tests.conftest import make_stage
+from capfilt.tiny import write_tiny_models
+
+
+def virtual_memory() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def main(folder: str, rows: int, headroom_mib: int) -> None:
+    paths = write_tiny_models(folder, image_size=256)
+    loaded = {role: load_model(str(path), role) for role, path in paths.items()}
+    stage = make_stage(loaded)
+    table = pa.Table.from_pylist(
+        [{k: r[k] for k in INPUT_SCHEMA.names} for r in sample_rows(0, rows + 2, seed=1)][:rows],
+        schema=INPUT_SCHEMA,
+    )
+    prepared = stage.prepare(table)
+    stage.compute(stage.prepare(table.slice(0, 1)))  # warm up at one image
+    resource.setrlimit(resource.RLIMIT_AS,
+                       (virtual_memory() + headroom_mib * 2**20, resource.RLIM_INFINITY))
+    out, rejects = stage.compute(prepared)
+    print(json.dumps({"rows": out.num_rows, "rejects": rejects.column("reason").to_pylist(),
+                      "good": len(prepared.good), "max_rows": stage.max_rows}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,75 @@
+"""Problems found before any work starts: full disk, read-only output, bad model folders.
+
+The disks are real: small tmpfs mounts made by the test (it needs root, as CI runs).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capfilt.models import ModelSourceError, check_model_source
+from capfilt.sample_shards import write_sample_shards
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+def capfilt(*args, cwd):
+    command = [str(Path(sys.executable).parent / "capfilt"), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mounted = []
+
+    def mount(name: str, size: str, read_only: bool = False) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+@needs_root
+def test_a_full_disk_and_a_read_only_output_are_refused_before_any_work(
+    small_disk, tiny_models, tmp_path
+):
+    inputs = tmp_path / "in"
+    write_sample_shards(inputs, shards=4, rows=64)
+    models = ["--captioner", tiny_models["captioner"], "--filter", tiny_models["filter"]]
+    full = small_disk("full", "128k")
+    ran = capfilt("run", "--input", inputs, "--output", full / "round", *models, cwd=tmp_path)
+    assert ran.returncode == 2
+    assert "MiB free; this round needs about" in ran.stderr
+    assert not (full / "round" / "shards").exists()
+    read_only = small_disk("ro", "1m", read_only=True)
+    ran = capfilt("run", "--input", inputs, "--output", read_only / "round", *models, cwd=tmp_path)
+    assert ran.returncode == 2 and "is not writable" in ran.stderr
+
+
+def test_missing_or_incomplete_model_folders_are_named(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["filter"], broken)
+    (broken / "model.safetensors").unlink()
+    no_processor = tmp_path / "no-processor"
+    shutil.copytree(tiny_models["filter"], no_processor)
+    (no_processor / "processor_config.json").unlink()
+    cases = {
+        "./missing/filter": "no such folder",
+        str(broken): "no weights",
+        str(no_processor): "no image processor config",
+        str(tmp_path): "no config.json",
+    }
+    for source, message in cases.items():
+        with pytest.raises(ModelSourceError, match=message) as caught:
+            check_model_source(source, "filter")
+        assert "filter model" in str(caught.value)
