@@ -7,6 +7,7 @@ named a hub id.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,19 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
     """Load the model for ``role`` ("captioner" or "filter") and its processor, in eval mode."""
     check_model_source(source, role)
     torch_dtype = DTYPES[dtype]
-    model = MODEL_CLASSES[role].from_pretrained(source, dtype=torch_dtype)
+    # A local folder never touches the network; only a hub id the user named does.
+    local = Path(source).is_dir()
+    try:
+        model = MODEL_CLASSES[role].from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local
+        )
+    except pickle.UnpicklingError as exc:
+        raise ModelSourceError(
+            f"{role} model {source}: weights refused, they are a pickle that does more than "
+            "hold tensors (only safetensors or torch.load(weights_only=True) files load)"
+        ) from exc
     model = model.to(device).eval()
-    processor = BlipProcessor.from_pretrained(source)
+    processor = BlipProcessor.from_pretrained(source, local_files_only=local)
     return LoadedModel(model, processor, torch.device(device), torch_dtype)
 
 

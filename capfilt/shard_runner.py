@@ -26,6 +26,7 @@ def run_shard(
     batch_size: int,
     reader: ReaderOptions = ReaderOptions(),
     attempt: int = 1,
+    worker: str | None = None,
 ) -> ShardResult:
     """Process a whole shard and commit it; a shard that cannot be read comes back failed."""
     started = time.perf_counter()
@@ -34,7 +35,7 @@ def run_shard(
     except ShardReadError as exc:
         log.error("shard %05d failed: %s", index, exc)
         return ShardResult(index=index, input=input_path, status=ShardStatus.FAILED,
-                           attempts=attempt, error=str(exc))
+                           attempts=attempt, worker=worker, error=str(exc))
     for warning in shard.warnings:
         log.warning("%s: %s", input_path, warning)
     table, duplicates = split_duplicate_keys(shard.table)
@@ -59,6 +60,7 @@ def run_shard(
         input_sha256=shard.sha256,
         input_bytes=shard.nbytes,
         attempts=attempt,
+        worker=worker,
         **shard_counts(rows, rejected),
     )
     result.seconds = round(time.perf_counter() - started, 3)

@@ -59,6 +59,7 @@ class ShardResult:
     input_bytes: int | None = None
     seconds: float = 0.0
     attempts: int = 1
+    worker: str | None = None  # which worker ran it: "node-id-prefix/pid"
     error: str | None = None
 
     @classmethod

@@ -22,13 +22,18 @@ MAX_ATTEMPTS = 3
 
 
 def ensure_ray(address: str | None) -> None:
-    """Join ``address`` or start Ray on this machine (once per process)."""
+    """Join ``address`` (``auto``: the cluster ``ray start`` made here) or start a private one.
+
+    Without ``--address`` Ray is started for this run alone ("local"): a plain ``ray.init()``
+    would quietly join whatever cluster ``ray start`` last left on the machine.
+    """
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=False)
 
 
 def dispatch(

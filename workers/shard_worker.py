@@ -28,7 +28,9 @@ class ShardWorker:
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
                 reader: ReaderOptions, attempt: int = 1) -> dict:
-        result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt)
+        node = ray.get_runtime_context().get_node_id()[:12]
+        result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
+                           worker=f"{node}/{os.getpid()}")
         return result.__dict__
 
 

@@ -1,0 +1,92 @@
+"""A real two-node Ray cluster on this machine: actors on both nodes, then one node lost."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.round_check import check_round
+from capfilt.sample_shards import write_sample_shards
+from tests.test_faults import wait_for, worker_pids
+
+SHARDS, ROWS = 8, 96
+# A loopback-only test cluster: no token to share between its processes.
+CLUSTER_ENV = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def session_of(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[3])  # the session id
+
+
+def ray_node(*args: str) -> subprocess.Popen:
+    """``ray start ... --block`` in its own session, so stopping it stops its node only."""
+    env = {**os.environ, **CLUSTER_ENV, "RAY_health_check_period_ms": "500",
+           "RAY_health_check_failure_threshold": "4"}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--num-cpus=1",
+               "--num-gpus=0", "--disable-usage-stats", *args]
+    return subprocess.Popen(command, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def two_nodes():
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = ray_node("--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=false")
+    second = None
+    try:
+        wait_for(lambda: subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "health-check", "--address", address],
+            capture_output=True, env={**os.environ, **CLUSTER_ENV}).returncode == 0,
+            timeout=90, every=1)
+        second = ray_node(f"--address={address}", "--node-ip-address=127.0.0.1")
+        yield address, head, second
+    finally:
+        for node in (second, head):
+            if node is not None and node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+
+
+def test_a_round_on_two_nodes_survives_losing_one(two_nodes, tiny_models, tmp_path):
+    address, head, second = two_nodes
+    inputs = tmp_path / "in"
+    write_sample_shards(inputs, shards=SHARDS, rows=ROWS, seed=9)
+    out = tmp_path / "round"
+    command = [str(Path(sys.executable).parent / "capfilt"), "run", "--address", address,
+               "--input", str(inputs), "--output", str(out),
+               "--captioner", str(tiny_models["captioner"]), "--filter",
+               str(tiny_models["filter"]), "--workers", "2", "--batch-size", "8"]
+    driver = subprocess.Popen(command, env={**os.environ, **CLUSTER_ENV},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # One actor on each node: their processes live in each node's session.
+    sessions = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
+        {session_of(pid) for pid in worker_pids()} & {head.pid, second.pid}), timeout=120)
+    assert sessions == {head.pid, second.pid}
+    wait_for(lambda: len(list((out / "stats").glob("*.json"))) >= 2, timeout=120)
+    os.killpg(second.pid, signal.SIGKILL)  # the second machine goes away mid-round
+    second.wait()
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "round 1: complete" in stdout
+    assert check_round(str(out)) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["rows_in"] == SHARDS * ROWS
+    assert len({s["worker"].split("/")[0] for s in manifest["shards"]}) == 2
+    assert max(s["attempts"] for s in manifest["shards"]) == 2  # the lost node's shard, again
+    keys = pq.read_table(out / "shards").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == manifest["totals"]["rows_out"]
