@@ -63,6 +63,8 @@ class Captioner:
         self.eos_id = text_config.sep_token_id
         self.pad_id = text_config.pad_token_id
         # BLIP's prompt handling: [CLS] becomes [DEC], the trailing [SEP] is dropped.
+        # BLIP's task tokens are not "special" to its tokenizer: never let them into a caption.
+        self.task_ids = {self.bos_id, self.bos_id + 1}
         ids = self.tokenizer(sampling.prompt, add_special_tokens=True).input_ids[:-1]
         self.prompt_ids = torch.tensor([self.bos_id] + ids[1:], device=self.device)
 
@@ -136,5 +138,6 @@ class Captioner:
         for row in tokens.tolist():
             if self.eos_id in row:
                 row = row[: row.index(self.eos_id)]
+            row = [t for t in row if t not in self.task_ids]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts

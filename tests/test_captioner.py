@@ -59,3 +59,11 @@ def test_beam_search_is_deterministic_and_returns_distinct_beams(loaded):
     first = captioner(pixels(2), ["x", "y"])
     assert first == captioner(pixels(2), ["other", "keys"])
     assert all(len(c) == 2 and c[0] != c[1] for c in first)
+
+
+def test_task_tokens_never_reach_a_caption(loaded):
+    """[DEC] and [ENC] are ordinary vocabulary to the tokenizer, so decode would print them."""
+    settings = SamplingConfig(num_captions=8, max_new_tokens=16, top_k=None, top_p=1.0)
+    captioner = Captioner(loaded["captioner"], settings, seed=0)
+    captions = [c for group in captioner(pixels(8), [str(i) for i in range(8)]) for c in group]
+    assert not any("[DEC]" in c or "[ENC]" in c for c in captions)
