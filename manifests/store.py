@@ -19,13 +19,16 @@ class ManifestError(RuntimeError):
 
 def write_json_atomic(url: str, data: Any) -> None:
     """Write ``data`` as JSON at ``url`` so readers see the old file or the new one, never half."""
+    write_text_atomic(url, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    """Write ``text`` at ``url`` under a temporary name, then rename."""
     fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+        handle.write(text)
     fs.mv(tmp, path)
 
 

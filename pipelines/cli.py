@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=32)
     demo.add_argument("--workers", type=int, default=None)
 
+    report = commands.add_parser(
+        "report", help="write ROUND/report.html: score histograms, kept fractions, samples",
+        description="Write a self-contained HTML report of a finished round (also written at "
+        "the end of every run): ITM/ITC histograms with the threshold, kept fractions per "
+        "shard and source, caption lengths, reject reasons, earlier rounds side by side, and a "
+        "grid of samples at the threshold's edges. Example: capfilt report rounds/round-0001",
+    )
+    report.add_argument("round_dir")
+    report.add_argument("--samples", type=int, default=24, help="thumbnails in the grid")
+
     validate = commands.add_parser(
         "validate", help="check a round's manifest against the JSON Schema and its files",
     )
@@ -213,7 +223,14 @@ def command_tiny_models(args) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "demo": command_demo, "validate": command_validate,
+def command_report(args) -> int:
+    from capfilt.report import write_report
+
+    print(write_report(args.round_dir, samples=args.samples))
+    return 0
+
+
+COMMANDS = {"run": command_run, "report": command_report, "demo": command_demo, "validate": command_validate,
             "tiny-models": command_tiny_models}
 
 
@@ -223,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from capfilt.models import ModelSourceError
+    from manifests import ManifestError
     from pipelines.dispatch import WorkerStartError
     from pipelines.plan import PlanError
 
     try:
         return COMMANDS[args.command](args)
-    except (PlanError, ModelSourceError, ValueError) as exc:
+    except (PlanError, ModelSourceError, ManifestError, ValueError) as exc:
         print(f"capfilt: error: {exc}", file=sys.stderr)
         return 2
     except WorkerStartError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from datetime import datetime, timezone
@@ -11,6 +12,7 @@ import torch
 import transformers
 import capfilt
 from capfilt.models import MODEL_CLASSES, weights_sha256
+from capfilt.report import write_report
 from capfilt.shard_reader import shard_format
 from manifests import (
     InputShard,
@@ -24,6 +26,9 @@ from manifests import (
 from pipelines.dispatch import dispatch, ensure_ray
 from pipelines.plan import RoundOptions, RoundPlan, plan_round
 from pipelines.progress import Progress
+
+
+log = logging.getLogger(__name__)
 
 
 def run_round(options: RoundOptions, stream=None) -> RoundManifest:
@@ -45,6 +50,10 @@ def run_round(options: RoundOptions, stream=None) -> RoundManifest:
     manifest = build_manifest(plan, results, created, time.perf_counter() - started)
     validate_manifest(manifest.to_dict())
     write_manifest(options.output, manifest)
+    try:
+        write_report(options.output)
+    except (OSError, ValueError, KeyError) as exc:  # the round stands without its report
+        log.warning("report not written: %s", exc)
     return manifest
 
 
