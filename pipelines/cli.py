@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -159,8 +158,10 @@ def _next_round(parent: str | None) -> int:
 
 
 def print_summary(manifest, output: str) -> None:
+    from capfilt.terminal import terminal_safe
+
     t = manifest.totals
-    print(f"round {manifest.round}: {manifest.status} -> {output}/manifest.json")
+    print(terminal_safe(f"round {manifest.round}: {manifest.status} -> {output}/manifest.json"))
     print(f"  shards: {t.shards_done} done, {t.shards_failed} failed")
     print(f"  rows: {t.rows_in} in, {t.rows_out} scored, {t.rows_rejected} rejected "
           f"{json.dumps(t.rejects_by_reason, sort_keys=True)}")
@@ -171,7 +172,7 @@ def print_summary(manifest, output: str) -> None:
           f"{manifest.timings['images_per_second']:.1f} images/s")
     for shard in manifest.shards:
         if shard.status != "done":
-            print(f"  FAILED shard {shard.index:05d} ({shard.input}): {shard.error}")
+            print(terminal_safe(f"  FAILED shard {shard.index:05d} ({shard.input}): {shard.error}"))
 
 
 def command_run(args) -> int:
@@ -237,8 +238,12 @@ COMMANDS = {"run": command_run, "report": command_report, "demo": command_demo, 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain text in logs and pipes
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from capfilt.terminal import configure_logging, terminal_safe
+
+    configure_logging(args.log_level)
     from capfilt.models import ModelSourceError
     from manifests import ManifestError
     from pipelines.dispatch import WorkerStartError
@@ -247,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (PlanError, ModelSourceError, ManifestError, ValueError) as exc:
-        print(f"capfilt: error: {exc}", file=sys.stderr)
+        print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 2
     except WorkerStartError as exc:
-        print(f"capfilt: error: {exc}", file=sys.stderr)
+        print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 3
 
 

@@ -6,20 +6,16 @@ The disks are real: small tmpfs mounts made by the test (it needs root, as CI ru
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from capfilt.models import ModelSourceError, check_model_source
 from capfilt.sample_shards import write_sample_shards
+from capfilt.stage import StageConfig
+from pipelines.plan import PlanError, RoundOptions, plan_round
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-def capfilt(*args, cwd):
-    command = [str(Path(sys.executable).parent / "capfilt"), *map(str, args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -45,15 +41,14 @@ def test_a_full_disk_and_a_read_only_output_are_refused_before_any_work(
 ):
     inputs = tmp_path / "in"
     write_sample_shards(inputs, shards=4, rows=64)
-    models = ["--captioner", tiny_models["captioner"], "--filter", tiny_models["filter"]]
+    stage = StageConfig(captioner=str(tiny_models["captioner"]), filter=str(tiny_models["filter"]))
     full = small_disk("full", "128k")
-    ran = capfilt("run", "--input", inputs, "--output", full / "round", *models, cwd=tmp_path)
-    assert ran.returncode == 2
-    assert "MiB free; this round needs about" in ran.stderr
+    with pytest.raises(PlanError, match="MiB free; this round needs about"):
+        plan_round(RoundOptions(inputs=[str(inputs)], output=str(full / "round"), stage=stage))
     assert not (full / "round" / "shards").exists()
     read_only = small_disk("ro", "1m", read_only=True)
-    ran = capfilt("run", "--input", inputs, "--output", read_only / "round", *models, cwd=tmp_path)
-    assert ran.returncode == 2 and "is not writable" in ran.stderr
+    with pytest.raises(PlanError, match="is not writable"):
+        plan_round(RoundOptions(inputs=[str(inputs)], output=str(read_only / "r"), stage=stage))
 
 
 def test_missing_or_incomplete_model_folders_are_named(tiny_models, tmp_path):

@@ -164,6 +164,16 @@ def test_command_line_end_to_end(tmp_path, img2dataset_parquet):
     assert "round 1: complete" in ran.stdout and "shards 4/4 done" in ran.stderr
     checked = capfilt("validate", "R", cwd=tmp_path)
     assert checked.returncode == 0 and "every input row accounted for" in checked.stdout
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    shutil.copy(img2dataset_parquet / "00000.parquet", hostile / "00000.parquet")
+    (hostile / "bad\x1b[2J\x1b[31m.parquet").write_bytes(b"PAR1 corrupt")
+    partial = capfilt("run", "--input", hostile, "--output", "R3", "--captioner", "M/captioner",
+                      "--filter", "M/filter", cwd=tmp_path)
+    assert partial.returncode == 1
+    assert "1 done, 1 failed" in partial.stdout and "FAILED shard 00001" in partial.stdout
+    assert "bad\\x1b[2J" in partial.stdout and "\x1b" not in partial.stdout + partial.stderr
+    assert "retry only those" in partial.stderr
     missing = capfilt("run", "--input", f"{img2dataset_parquet}/*.parquet", "--output", "R2",
                       "--captioner", "./nowhere/captioner", "--filter", "M/filter", cwd=tmp_path)
     assert missing.returncode == 2 and "captioner model" in missing.stderr

@@ -1,12 +1,17 @@
 """Untrusted files stay data: pickled weights with code are refused and never run."""
 
+import http.server
 import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 
 from capfilt.models import ModelSourceError, load_model
+from capfilt.terminal import terminal_safe
 
 
 class RunsCode:
@@ -28,3 +33,53 @@ def test_weights_that_would_run_code_are_refused(tiny_models, tmp_path):
     with pytest.raises(ModelSourceError, match="weights refused"):
         load_model(str(folder), "filter")
     assert not marker.exists()
+
+
+def test_terminal_output_cannot_be_steered_by_web_text():
+    hostile = "caption\x1b[2J\x1b[31m red\x07\rrewritten\u202e"
+    shown = terminal_safe(hostile)
+    assert "\x1b" not in shown and "\r" not in shown and "\x07" not in shown
+    assert "\u202e" not in shown
+    assert shown.startswith("caption\\x1b[2J") and "red" in shown
+
+
+class CountingHub(http.server.BaseHTTPRequestHandler):
+    """Stands in for the hub's address on 127.0.0.1: counts requests, answers 404."""
+
+    requests: list[str] = []
+
+    def _answer(self):
+        CountingHub.requests.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def test_local_models_never_touch_the_network_and_hub_ids_do(tiny_models):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CountingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    local_script = ("import sys\nfrom capfilt.models import load_model\n"
+                    "load_model(sys.argv[1], 'captioner'); load_model(sys.argv[2], 'filter')\n")
+    hub_script = ("from capfilt.models import ModelSourceError, check_model_source\n"
+                  "try:\n    check_model_source('someone/blip-captioner', 'captioner')\n"
+                  "except ModelSourceError as exc:\n    print('HUB-REFUSED', exc)\n")
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        local = subprocess.run(
+            [sys.executable, "-c", local_script, str(tiny_models["captioner"]),
+             str(tiny_models["filter"])], env=env, capture_output=True, text=True, timeout=120)
+        assert local.returncode == 0, local.stderr[-2000:]
+        assert CountingHub.requests == []  # two local folders: not one request
+        hub = subprocess.run([sys.executable, "-c", hub_script], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert "HUB-REFUSED" in hub.stdout, hub.stderr[-2000:]
+        assert any("someone/blip-captioner" in path for path in CountingHub.requests)
+    finally:
+        server.shutdown()

@@ -11,6 +11,7 @@ import torch
 from capfilt.shard_reader import ReaderOptions
 from capfilt.shard_runner import run_shard
 from capfilt.stage import CapFiltStage, StageConfig
+from capfilt.terminal import configure_logging
 
 
 class ShardWorker:
@@ -19,6 +20,7 @@ class ShardWorker:
     def __init__(self, config: StageConfig, torch_threads: int | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        configure_logging("WARNING")  # worker logs reach the driver's terminal
         self.stage = CapFiltStage.from_config(config)
 
     def describe(self) -> dict:
