@@ -18,6 +18,9 @@ EXAMPLES = """examples:
 """
 
 
+REQUIRED = {"run": ("input", "output", "captioner", "filter")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capfilt",
@@ -69,14 +72,44 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a round's manifest against the JSON Schema and its files",
     )
     validate.add_argument("round_dir")
+    for command in commands.choices.values():
+        command.add_argument(
+            "--config", default=None, metavar="TOML",
+            help="settings from a TOML file or a preset (blip-base-paper, blip-large, "
+            "blip2-ranking, demo); flags given here override it",
+        )
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse flags over the defaults a ``--config`` file or preset gives."""
+    from pipelines.config import apply_config, load_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    subparser = parser._subparsers._group_actions[0].choices[args.command]
+    if args.config:
+        origin, values = load_config(args.config)
+        apply_config(subparser, origin, values)
+        args = parser.parse_args(argv)
+    missing = [name for name in REQUIRED.get(args.command, ()) if getattr(args, name) is None]
+    if missing:
+        flags = ", ".join(f"--{m}" for m in missing)
+        subparser.error(f"missing {flags} (give the flag, or the key in a --config file)")
+    return args
+
+
+def resolved_settings(args: argparse.Namespace) -> dict:
+    """Every setting the command runs with, after config and flags (saved in the manifest)."""
+    skip = {"config", "dry_run", "command", "log_level"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
 def add_round_arguments(run: argparse.ArgumentParser) -> None:
     io = run.add_argument_group("input and output")
-    io.add_argument("--input", nargs="+", required=True,
+    io.add_argument("--input", nargs="+",
                     help="shards: paths, globs, brace ranges, folders or fsspec URLs")
-    io.add_argument("--output", required=True, help="round folder (local path or fsspec URL)")
+    io.add_argument("--output", help="round folder (local path or fsspec URL)")
     io.add_argument("--image-column", default="jpg")
     io.add_argument("--caption-column", default="caption")
     io.add_argument("--key-column", default="key")
@@ -86,8 +119,8 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     io.add_argument("--parent", default=None, help="the previous round's folder")
 
     models = run.add_argument_group("models")
-    models.add_argument("--captioner", required=True, help="BLIP captioner: folder or hub id")
-    models.add_argument("--filter", required=True, help="BLIP ITM model: folder or hub id")
+    models.add_argument("--captioner", help="BLIP captioner: folder or hub id")
+    models.add_argument("--filter", help="BLIP ITM model: folder or hub id")
     models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     sampling = run.add_argument_group("captioning")
@@ -117,6 +150,8 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     engine.add_argument("--workers", type=int, default=None,
                         help="actors (default: one per GPU, or 1 on CPUs)")
     engine.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    engine.add_argument("--dry-run", action="store_true",
+                        help="print the resolved settings as TOML and stop")
 
 
 def round_options(args: argparse.Namespace):
@@ -141,6 +176,7 @@ def round_options(args: argparse.Namespace):
                            key_column=args.key_column, url_column=args.url_column)
     return RoundOptions(inputs=args.input, output=args.output, stage=stage,
                         batch_size=args.batch_size, workers=args.workers, address=args.address,
+                        settings=resolved_settings(args),
                         reader=reader, round=args.round or _next_round(args.parent),
                         parent=args.parent)
 
@@ -179,6 +215,11 @@ def command_run(args) -> int:
     from pipelines.round import run_round
 
     options = round_options(args)
+    if args.dry_run:
+        from pipelines.config import to_toml
+
+        print(to_toml(options.settings), end="")
+        return 0
     manifest = run_round(options)
     print_summary(manifest, options.output)
     if manifest.status != "complete":
@@ -200,7 +241,7 @@ def command_demo(args) -> int:
             "--captioner", str(models["captioner"]), "--filter", str(models["filter"])]
     if args.workers:
         argv += ["--workers", str(args.workers)]
-    return command_run(build_parser().parse_args(argv))
+    return command_run(parse_args(argv))
 
 
 def command_validate(args) -> int:
@@ -240,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # plain text in logs and pipes
-    args = build_parser().parse_args(argv)
     from capfilt.terminal import configure_logging, terminal_safe
+    from pipelines.config import ConfigError
 
+    try:
+        args = parse_args(argv)
+    except ConfigError as exc:
+        print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
     from capfilt.models import ModelSourceError
     from manifests import ManifestError

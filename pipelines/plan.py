@@ -33,6 +33,7 @@ class RoundOptions:
     reader: ReaderOptions = field(default_factory=ReaderOptions)
     round: int = 1
     parent: str | None = None
+    settings: dict = field(default_factory=dict)  # as resolved from config and flags
 
     def parameters(self) -> dict:
         """The settings that decide the output; a rerun must use the same ones."""

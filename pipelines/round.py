@@ -89,7 +89,8 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
         finished_at=_now(),
         inputs=inputs,
         models=models,
-        parameters={**options.parameters(), "workers": options.workers or 0},
+        parameters={**options.parameters(), "workers": options.workers or 0,
+                    "resolved_settings": options.settings},
         shards=shards,
         totals=totals,
         timings={

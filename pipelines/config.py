@@ -1,0 +1,98 @@
+"""TOML configuration for any command: presets, files, and flags that override them.
+
+A config is flat keys named like the command's flags (``num_captions`` or ``num-captions``),
+optionally grouped in tables (``[sampling]``, ``[policy]``...), which are only for reading.
+``--config NAME`` takes a file path or the name of a preset in ``pipelines/presets``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the key and the fix."""
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("pipelines").joinpath("presets")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(where it came from, flat settings) for a path or a preset name."""
+    path = Path(name)
+    if path.is_file():
+        origin, text = str(path), path.read_text()
+    elif name in preset_names():
+        origin = f"preset {name}"
+        text = resources.files("pipelines").joinpath("presets", f"{name}.toml").read_text()
+    else:
+        raise ConfigError(f"--config {name}: no such file, and not a preset "
+                          f"(presets: {', '.join(preset_names())})")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML ({exc})") from exc
+    return origin, _flatten(data, origin)
+
+
+def _flatten(data: dict, origin: str, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, origin, f"{prefix}{key}."))
+        else:
+            dest = key.replace("-", "_")
+            if dest in flat:
+                raise ConfigError(f"{origin}: {prefix}{key} is set twice")
+            flat[dest] = value
+    return flat
+
+
+def apply_config(parser: argparse.ArgumentParser, origin: str, values: dict[str, Any]) -> None:
+    """Make ``values`` the parser's defaults, so flags given on the command line still win."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None:
+            known = ", ".join(sorted(actions))
+            raise ConfigError(f"{origin}: unknown key {key!r}; this command takes: {known}")
+        if action.nargs == "+" and isinstance(value, str):
+            value = [value]
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"{origin}: {key} = {value!r}; choose one of "
+                              f"{', '.join(map(str, action.choices))}")
+        if action.type is not None and not isinstance(value, list):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{origin}: {key} = {value!r} is not a valid "
+                                  f"{action.type.__name__}") from exc
+        values[key] = value
+    parser.set_defaults(**values)
+
+
+def to_toml(settings: dict[str, Any]) -> str:
+    """The resolved settings as TOML (flat scalars and lists of strings)."""
+    lines = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
