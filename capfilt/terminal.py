@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from contextlib import contextmanager
 
 
 def terminal_safe(text: object) -> str:
@@ -24,8 +25,29 @@ class SafeFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, stream=None) -> None:
+    """The terminal gets ``level`` and up; the root logger passes INFO on, for log files."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
+    for noisy in ("urllib3", "filelock", "fsspec", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def log_file(path: str):
+    """Also write this process's capfilt log records (INFO and up) to ``path``."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger()
+    logger.addHandler(handler)
+    if logger.level > logging.INFO or logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser(
         "tiny-models", help="write a tiny random BLIP captioner and filter (for tests and smoke runs)",
         description="Write DIR/captioner and DIR/filter: tiny random BLIP models with processor "
-        "and a small WordPiece vocabulary, loadable with from_pretrained.",
+        "and a small WordPiece vocabulary, loadable with from_pretrained. "
+        "Example: capfilt tiny-models models/ && capfilt run --input 'shards/*.parquet' "
+        "--output r1 --captioner models/captioner --filter models/filter",
     )
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="smoke run on the embedded default: tiny models over generated shards",
         description="Write tiny random models and 4 img2dataset-format parquet shards of drawn "
-        "shapes under OUTPUT, then run a CapFilt round on them with Ray.",
+        "shapes under OUTPUT, then run a CapFilt round on them with Ray. "
+        "Example: capfilt demo --output runs/demo",
     )
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--shards", type=int, default=4)
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser(
         "validate", help="check a round's manifest against the JSON Schema and its files",
+        description="Check that ROUND/manifest.json matches manifests/round.schema.json and "
+        "that every input row of every shard is in shards/ or rejects/. "
+        "Example: capfilt validate rounds/round-0001",
     )
     validate.add_argument("round_dir")
     for command in commands.choices.values():
@@ -206,6 +212,7 @@ def print_summary(manifest, output: str) -> None:
           f"{t.images_without_kept} images kept no text")
     print(f"  {manifest.timings['wall_seconds']:.1f}s, "
           f"{manifest.timings['images_per_second']:.1f} images/s")
+    print(terminal_safe(f"  report: {output.rstrip('/')}/report.html"))
     for shard in manifest.shards:
         if shard.status != "done":
             print(terminal_safe(f"  FAILED shard {shard.index:05d} ({shard.input}): {shard.error}"))

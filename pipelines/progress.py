@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -36,6 +39,7 @@ class Progress:
             + f" | {self.images} images | {self.images / elapsed:.1f} images/s"
             + (f" | about {eta:.0f}s left" if left and finished_here else "")
         )
+        log.info("%s", line)
         if self.tty:
             self.stream.write("\r\033[K" + line)
             if not left:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 
 import ray
@@ -13,6 +14,7 @@ import transformers
 import capfilt
 from capfilt.models import MODEL_CLASSES, weights_sha256
 from capfilt.report import write_report
+from capfilt.terminal import log_file
 from capfilt.shard_reader import shard_format
 from manifests import (
     InputShard,
@@ -32,10 +34,23 @@ log = logging.getLogger(__name__)
 
 
 def run_round(options: RoundOptions, stream=None) -> RoundManifest:
-    """Run (or finish) the round described by ``options``; returns the manifest written."""
+    """Run (or finish) the round described by ``options``; returns the manifest written.
+
+    The round's own log goes to ``ROUND/capfilt.log`` (local folders), appended on reruns.
+    """
     created = _now()
     started = time.perf_counter()
     plan = plan_round(options)
+    local = "://" not in options.output or options.output.startswith("file://")
+    log_path = f"{options.output.removeprefix('file://').rstrip('/')}/capfilt.log"
+    with log_file(log_path) if local else nullcontext():
+        return _run_planned(plan, options, created, started, stream)
+
+
+def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: float,
+                 stream) -> RoundManifest:
+    log.info("round %d: %d shards, %d already done, %d to run; settings %s", options.round,
+             len(plan.shards), len(plan.done), len(plan.todo), options.parameters())
     progress = Progress(len(plan.shards), len(plan.done), stream)
     results = dict(plan.done)
     if plan.todo:
@@ -50,6 +65,8 @@ def run_round(options: RoundOptions, stream=None) -> RoundManifest:
     manifest = build_manifest(plan, results, created, time.perf_counter() - started)
     validate_manifest(manifest.to_dict())
     write_manifest(options.output, manifest)
+    log.info("manifest written: status %s, %d rows in, %d scored, %d rejected", manifest.status,
+             manifest.totals.rows_in, manifest.totals.rows_out, manifest.totals.rows_rejected)
     try:
         write_report(options.output)
     except (OSError, ValueError, KeyError) as exc:  # the round stands without its report

@@ -57,6 +57,14 @@ def test_every_input_row_lands_once_in_shards_or_rejects(first_round, img2datase
     assert check_round(str(out)) == []
 
 
+def test_the_round_keeps_its_log_and_report(first_round):
+    out, _ = first_round
+    log = (out / "capfilt.log").read_text()
+    assert "round 1: 4 shards, 0 already done, 4 to run" in log
+    assert "shards 4/4 done" in log and "manifest written: status complete" in log
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
 def test_manifest_validates_against_the_schema(first_round, tiny_models):
     out, _ = first_round
     data = json.loads((out / "manifest.json").read_text())
