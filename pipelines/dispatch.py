@@ -52,16 +52,17 @@ def dispatch(
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", os.cpu_count() or 1)
     if gpus:
         count = min(workers or gpus, len(todo))
-        gpus_each, cpus_each, threads, device = 1.0, 1.0, None, config.device
-        if device == "cpu":
-            device = "cuda"
+        gpus_each, cpus_each, threads, device = 1.0, 1.0, None, "cuda"
+        # The GPU waits on JPEG decoding unless the node's cores decode for it.
+        decode_threads = max(2, int(cpus // gpus))
     else:
         count = max(1, min(workers or 1, len(todo)))
         gpus_each, device = 0.0, "cpu"
         # Fractional CPUs: actors must not take every CPU slot from Ray's own tasks.
         cpus_each = min(1.0, cpus / (2 * count))
         threads = max(1, int(cpus) // count)
-    config = replace(config, device=device)
+        decode_threads = config.decode_threads
+    config = replace(config, device=device, decode_threads=decode_threads)
     pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)
     wait_until_ready(pool)
 
