@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -137,7 +138,10 @@ def test_unreadable_shards_fail_alone_and_a_rerun_retries_only_them(
     good = (inputs / "00001.parquet").read_bytes()
     (inputs / "00001.parquet").write_bytes(good[: len(good) // 2])  # truncated
     tar = (img2dataset_webdataset / "00000.tar").read_bytes()
-    (inputs / "00004.tar").write_bytes(tar[: len(tar) // 2])  # truncated mid-member
+    with tarfile.open(img2dataset_webdataset / "00000.tar") as archive:
+        image = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+    cut = image.offset_data + image.size // 2
+    (inputs / "00004.tar").write_bytes(tar[:cut])  # truncated inside an image
     named = [f"{inputs}/*.parquet", str(inputs / "00004.tar"), str(inputs / "00005.parquet")]
     out = tmp_path / "r"
     manifest = run_round(options(tiny_models, named, out))
