@@ -1,0 +1,228 @@
+"""CPU benchmark of a CapFilt round with a small BLIP (ViT-S-sized vision at 224 px, 4-layer
+text side, BERT's 30,524-token vocabulary), on real parquet shards of photo-like JPEGs.
+
+Prints, in one run on one machine:
+  1. pipeline efficiency: `capfilt run` (Ray, one worker) images/s over the same models called
+     in a bare loop on already-decoded tensors with the same batch size;
+  2. against the model-card way (processor per batch, `generate`, then the ITM model called once
+     per text slot, so the vision encoder runs again for every text): the speed ratio, and the
+     largest difference between the two in the web captions' ITM/ITC scores;
+  3. scaling: 1, 4 and 16 shards, each size in a fresh process: seconds and peak memory.
+
+    python bench/cpu_pipeline.py --out bench/results/cpu-$(hostname).json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from capfilt.captioner import Captioner, SamplingConfig  # noqa: E402
+from capfilt.images import ImageTransform, decode_image  # noqa: E402
+from capfilt.models import load_model  # noqa: E402
+from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.scorer import Scorer  # noqa: E402
+from capfilt.shard_reader import read_shard  # noqa: E402
+from capfilt.shard_runner import run_shard  # noqa: E402
+from capfilt.stage import CapFiltStage, StageConfig  # noqa: E402
+from capfilt.tiny import tiny_vocabulary  # noqa: E402
+
+BATCH = 16
+SAMPLING = SamplingConfig(num_captions=1, max_new_tokens=16, min_new_tokens=16)  # fixed length
+
+
+def small_models(folder: Path) -> dict[str, str]:
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                              BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor)
+
+    words = tiny_vocabulary()[:-2]
+    vocab = words + [f"[unused{i}]" for i in range(30522 - len(words))] + ["[DEC]", "[ENC]"]
+    (folder / "vocab").mkdir(parents=True)
+    (folder / "vocab" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(folder / "vocab")
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 224, "width": 224}), tokenizer)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+                           num_attention_heads=6, image_size=224, patch_size=16,
+                           initializer_range=0.02),
+        text_config=dict(vocab_size=len(vocab), hidden_size=384, encoder_hidden_size=384,
+                         intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
+                         bos_token_id=30522, pad_token_id=0, sep_token_id=vocab.index("[SEP]"),
+                         eos_token_id=vocab.index("[SEP]")),
+        projection_dim=256, image_text_hidden_size=256,
+    )
+    paths = {}
+    for role, cls in (("captioner", BlipForConditionalGeneration),
+                      ("filter", BlipForImageTextRetrieval)):
+        torch.manual_seed(0)
+        cls(config).save_pretrained(folder / role)
+        processor.save_pretrained(folder / role)
+        paths[role] = str(folder / role)
+    return paths
+
+
+def photo(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:240, 0:320]
+    base = np.stack([x / 320, y / 240, (x * y) / 76800], -1) * rng.uniform(80, 250, 3)
+    pixels = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, shards: int, rows: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        records = [{"key": f"{s:05d}{i:04d}", "url": f"http://example/{s}/{i}.jpg",
+                    "caption": f"a photo number {i} of shard {s}", "jpg": photo(s * 1000 + i),
+                    "status": "success", "error_message": None, "width": 320, "height": 240,
+                    "original_width": 320, "original_height": 240, "exif": None, "sha256": None}
+                   for i in range(rows)]
+        path = folder / f"{s:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(records, schema=IMG2DATASET_SCHEMA), path)
+        paths.append(str(path))
+    return paths
+
+
+def bare_loop(models, shards) -> tuple[float, int]:
+    """The same models on already-decoded tensors: the ceiling for the pipeline."""
+    cap, fil = load_model(models["captioner"], "captioner"), load_model(models["filter"], "filter")
+    captioner, scorer = Captioner(cap, SAMPLING, seed=0), Scorer(fil, itm_token="cls")
+    transform = ImageTransform.from_processor(cap.processor.image_processor)
+    rows = [r for s in shards for r in read_shard(s).table.to_pylist()]
+    pixels = torch.stack([transform(decode_image(r["jpg"])) for r in rows])
+    started = time.perf_counter()
+    for start in range(0, len(rows), BATCH):
+        batch = rows[start : start + BATCH]
+        synthetic = captioner(pixels[start : start + BATCH], [r["key"] for r in batch])
+        scorer(pixels[start : start + BATCH], [[r["caption"], *c] for r, c in zip(batch, synthetic)])
+    return time.perf_counter() - started, len(rows)
+
+
+@torch.inference_mode()
+def model_card(models, shards) -> tuple[float, int, dict]:
+    """As the Hugging Face model cards show it: processor per batch, generate, ITM per text."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(models["captioner"])
+    captioner = BlipForConditionalGeneration.from_pretrained(models["captioner"]).eval()
+    itm = BlipForImageTextRetrieval.from_pretrained(models["filter"]).eval()
+    rows = [r for s in shards for r in read_shard(s).table.to_pylist()]
+    scores = {}
+    started = time.perf_counter()
+    for start in range(0, len(rows), BATCH):
+        batch = rows[start : start + BATCH]
+        images = [Image.open(io.BytesIO(r["jpg"])).convert("RGB") for r in batch]
+        inputs = processor(images=images, text=["a picture of "] * len(batch), return_tensors="pt")
+        out = captioner.generate(**inputs, do_sample=True, top_p=0.9, top_k=50,
+                                 repetition_penalty=1.1, max_new_tokens=16, min_new_tokens=16)
+        synthetic = processor.batch_decode(out, skip_special_tokens=True)
+        for slot, texts in (("web", [r["caption"] for r in batch]), ("synthetic", synthetic)):
+            tokens = processor(images=images, text=texts, padding=True, truncation=True,
+                               max_length=35, return_tensors="pt")
+            match = itm(**tokens, use_itm_head=True).itm_score.softmax(-1)[:, 1]
+            cosine = itm(**tokens, use_itm_head=False).itm_score.diagonal()
+            if slot == "web":
+                for r, m, c in zip(batch, match.tolist(), cosine.tolist()):
+                    scores[r["key"]] = (m, c)
+    return time.perf_counter() - started, len(rows), scores
+
+
+def pipeline(models, shards, out: Path) -> dict:
+    from pipelines.plan import RoundOptions
+    from pipelines.round import run_round
+
+    stage = StageConfig(captioner=models["captioner"], filter=models["filter"], sampling=SAMPLING,
+                        itm_token="cls")
+    started = time.perf_counter()
+    manifest = run_round(RoundOptions(inputs=shards, output=str(out), stage=stage,
+                                      batch_size=BATCH, workers=1), stream=io.StringIO())
+    wall = time.perf_counter() - started
+    table = pq.read_table(out / "shards", columns=["key", "web_itm", "web_itc"]).to_pylist()
+    return {"wall": wall, "shard_seconds": manifest.timings["shard_seconds"],
+            "images": manifest.totals.rows_out,
+            "scores": {r["key"]: (r["web_itm"], r["web_itc"]) for r in table}}
+
+
+def scaling_child(models, shards) -> None:
+    """One process, one stage, N shards in a row: seconds and this process's peak RSS."""
+    stage = CapFiltStage.from_config(StageConfig(captioner=models["captioner"],
+                                                 filter=models["filter"], sampling=SAMPLING))
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        for index, shard in enumerate(shards):
+            run_shard(stage, index, shard, out, BATCH)
+        seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the figures as JSON here too")
+    parser.add_argument("--rows", type=int, default=64, help="rows per shard")
+    parser.add_argument("--shards", type=int, default=4, help="shards for measures 1 and 2")
+    parser.add_argument("--scaling-child", nargs=2, metavar=("MODELS_JSON", "SHARDS_JSON"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.scaling_child:
+        scaling_child(json.loads(args.scaling_child[0]), json.loads(args.scaling_child[1]))
+        return
+    work = Path(tempfile.mkdtemp(prefix="capfilt-bench-"))
+    models = small_models(work / "models")
+    shards = write_shards(work / "shards", args.shards, args.rows)
+    figures = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                          f"{torch.get_num_threads()} torch threads",
+               "batch_size": BATCH, "images": args.shards * args.rows}
+
+    bare_s, n = bare_loop(models, shards)
+    run = pipeline(models, shards, work / "round")
+    card_s, _, card_scores = model_card(models, shards)
+    diff = max(max(abs(a - b) for a, b in zip(run["scores"][k], card_scores[k]))
+               for k in card_scores)
+    figures.update(
+        bare_images_per_s=n / bare_s,
+        pipeline_images_per_s=run["images"] / run["shard_seconds"],
+        pipeline_images_per_s_with_startup=run["images"] / run["wall"],
+        model_card_images_per_s=n / card_s,
+        web_score_max_abs_diff_vs_model_card=diff,
+    )
+    figures["pipeline_efficiency"] = figures["pipeline_images_per_s"] / figures["bare_images_per_s"]
+    figures["speedup_vs_model_card"] = (figures["pipeline_images_per_s"]
+                                        / figures["model_card_images_per_s"])
+    scaling = {}
+    for count in (1, 4, 16):
+        scale_shards = write_shards(work / f"scale-{count}", count, 32)
+        child = subprocess.run(
+            [sys.executable, __file__, "--scaling-child", json.dumps(models),
+             json.dumps(scale_shards)], capture_output=True, text=True, check=True)
+        scaling[count] = json.loads(child.stdout.strip().splitlines()[-1])
+    figures["scaling_32_rows_per_shard"] = scaling
+    for key, value in figures.items():
+        print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
