@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -176,6 +177,16 @@ def scaling_child(models, shards) -> None:
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the figures as JSON here too")
@@ -190,8 +201,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="capfilt-bench-"))
     models = small_models(work / "models")
     shards = write_shards(work / "shards", args.shards, args.rows)
-    figures = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                          f"{torch.get_num_threads()} torch threads",
+    figures = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, "
+                          f"{torch.get_num_threads()} torch threads, {platform.machine()}",
+               "date": time.strftime("%Y-%m-%d"),
                "batch_size": BATCH, "images": args.shards * args.rows}
 
     bare_s, n = bare_loop(models, shards)
