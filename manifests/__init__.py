@@ -12,8 +12,8 @@ from manifests.round import (
     ShardStatus,
     Totals,
 )
-from manifests.store import ManifestError, read_manifest, write_json_atomic, write_manifest
 from manifests.schema import load_schema, validate_manifest
+from manifests.store import ManifestError, read_manifest, write_json_atomic, write_manifest
 
 __all__ = [
     "InputShard",

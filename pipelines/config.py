@@ -8,10 +8,11 @@ optionally grouped in tables (``[sampling]``, ``[policy]``...), which are only f
 from __future__ import annotations
 
 import argparse
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):

@@ -11,11 +11,12 @@ from datetime import datetime, timezone
 import ray
 import torch
 import transformers
+
 import capfilt
 from capfilt.models import MODEL_CLASSES, weights_sha256
 from capfilt.report import write_report
-from capfilt.terminal import log_file
 from capfilt.shard_reader import shard_format
+from capfilt.terminal import log_file
 from manifests import (
     InputShard,
     ModelRef,
@@ -28,7 +29,6 @@ from manifests import (
 from pipelines.dispatch import dispatch, ensure_ray
 from pipelines.plan import RoundOptions, RoundPlan, plan_round
 from pipelines.progress import Progress
-
 
 log = logging.getLogger(__name__)
 

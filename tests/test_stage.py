@@ -1,8 +1,6 @@
 """The CapFilt step on rows of real img2dataset shards, without Ray."""
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 from capfilt.shard_reader import INPUT_SCHEMA, read_shard
