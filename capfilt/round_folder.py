@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests import ShardResult, ShardStatus, write_json_atomic
+from manifests.store import write_bytes_atomic
 
 
 def _join(root: str, *parts: str) -> str:
@@ -41,20 +41,9 @@ def plan_path(root: str) -> str:
 
 
 def write_parquet_atomic(url: str, table: pa.Table) -> None:
-    """Write under a temporary name in the same folder, then rename over the final name."""
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as handle:
-            handle.write(buffer.getvalue())
-    except OSError:
-        if fs.exists(tmp):
-            fs.rm(tmp)  # out of disk, say: leave no half-written file behind
-        raise
-    fs.mv(tmp, path)
+    write_bytes_atomic(url, buffer.getvalue())
 
 
 def commit_shard(root: str, result: ShardResult, rows: pa.Table, rejects: pa.Table) -> None:

@@ -101,6 +101,7 @@ class CapFiltStage:
         self.policy = policy
         self.caption_transform = caption_transform
         self.filter_transform = filter_transform
+        self.same_transform = filter_transform == caption_transform  # then resize once
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads))
         self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
@@ -175,7 +176,7 @@ class CapFiltStage:
         caption_pixels = self.caption_transform(image)
         filter_pixels = (
             caption_pixels
-            if self.filter_transform == self.caption_transform
+            if self.same_transform
             else self.filter_transform(image)
         )
         return caption_pixels, filter_pixels, image.size

@@ -24,11 +24,24 @@ def write_json_atomic(url: str, data: Any) -> None:
 
 def write_text_atomic(url: str, text: str) -> None:
     """Write ``text`` at ``url`` under a temporary name, then rename."""
+    write_bytes_atomic(url, text.encode("utf-8"))
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` under a temporary name in the same folder, then rename over ``url``.
+
+    A failed write (out of disk, say) leaves no half-written file behind.
+    """
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w") as handle:
-        handle.write(text)
+    try:
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+    except OSError:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, path)
 
 

@@ -10,7 +10,7 @@ import fsspec
 
 from capfilt.models import check_model_source
 from capfilt.round_folder import finished_shard, plan_path
-from capfilt.shard_reader import ReaderOptions, expand_inputs, shard_format
+from capfilt.shard_reader import ReaderOptions, expand_inputs
 from capfilt.stage import StageConfig
 from manifests import ManifestError, ShardResult, read_manifest
 from manifests.store import read_json, write_json_atomic
@@ -93,7 +93,6 @@ def plan_round(options: RoundOptions) -> RoundPlan:
         write_json_atomic(plan_path(options.output), recorded)
     done = {}
     for index, shard in enumerate(shards):
-        shard_format(shard)
         result = finished_shard(options.output, index, shard)
         if result is not None:
             done[index] = result
