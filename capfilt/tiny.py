@@ -34,25 +34,34 @@ sitting standing walking running next near over under front back some many
 """.split()
 
 
-def tiny_vocabulary() -> list[str]:
-    """A WordPiece vocabulary that spells any lower-case ASCII text (letters as pieces)."""
+def tiny_vocabulary(words: list[str] | None = None) -> list[str]:
+    """A WordPiece vocabulary that spells any lower-case ASCII text (letters as pieces).
+
+    ``words`` become whole tokens (default: a few hundred common caption words)."""
+    words = WORDS if words is None else words
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     punctuation = list(".,!?'\"-:;/()&#@%+=_*")
     pieces = [f"##{c}" for c in chars]
-    vocab = list(dict.fromkeys(SPECIAL_TOKENS + WORDS + chars + punctuation + pieces))
+    vocab = list(dict.fromkeys(SPECIAL_TOKENS + list(words) + chars + punctuation + pieces))
     return vocab + TASK_TOKENS
 
 
-def tiny_config(vocab_size: int, image_size: int = 32, hidden: int = 32) -> BlipConfig:
-    """A BLIP config small enough to run a batch in milliseconds on one CPU core."""
-    vocab = tiny_vocabulary()
+def tiny_config(vocab_size: int, image_size: int = 32, hidden: int = 32, *, layers: int = 2,
+                heads: int = 2, patch: int = 8, mlp_ratio: int = 2,
+                vocab: list[str] | None = None, init_std: float = 0.02) -> BlipConfig:
+    """A BLIP config small enough to run a batch in milliseconds on one CPU core.
+
+    ``init_std``: BERT's 0.02 suits width 768; narrow models trained from scratch learn
+    image-text fusion far sooner with about 1/sqrt(width) (see capfilt/world/models.py)."""
+    vocab = vocab or tiny_vocabulary()
     text = dict(
+        initializer_range=init_std,
         vocab_size=vocab_size,
         hidden_size=hidden,
         encoder_hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        intermediate_size=hidden * mlp_ratio,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=64,
         bos_token_id=vocab.index("[DEC]"),
         pad_token_id=vocab.index("[PAD]"),
@@ -61,22 +70,22 @@ def tiny_config(vocab_size: int, image_size: int = 32, hidden: int = 32) -> Blip
     )
     vision = dict(
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        intermediate_size=hidden * mlp_ratio,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         image_size=image_size,
-        patch_size=8,
+        patch_size=patch,
         # The default 1e-10 makes every image embed alike (see BLIP-NOTES.md).
-        initializer_range=0.02,
+        initializer_range=init_std,
     )
     return BlipConfig(
         text_config=text, vision_config=vision, projection_dim=hidden, image_text_hidden_size=hidden
     )
 
 
-def tiny_processor(image_size: int = 32) -> BlipProcessor:
+def tiny_processor(image_size: int = 32, words: list[str] | None = None) -> BlipProcessor:
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "vocab.txt").write_text("\n".join(tiny_vocabulary()) + "\n")
+        (Path(folder) / "vocab.txt").write_text("\n".join(tiny_vocabulary(words)) + "\n")
         # transformers 5 ignores ``vocab_file=`` silently; from_pretrained on a folder works.
         tokenizer = BertTokenizer.from_pretrained(folder, do_lower_case=True)
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})

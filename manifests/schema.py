@@ -10,15 +10,16 @@ from typing import Any
 import jsonschema
 
 
-@lru_cache(maxsize=1)
-def load_schema() -> dict[str, Any]:
-    text = resources.files("manifests").joinpath("round.schema.json").read_text()
+@lru_cache(maxsize=4)
+def load_schema(name: str = "round") -> dict[str, Any]:
+    """The JSON Schema ``round`` (a CapFilt round) or ``job`` (training, eval, bootstrap)."""
+    text = resources.files("manifests").joinpath(f"{name}.schema.json").read_text()
     return json.loads(text)
 
 
-def validate_manifest(data: dict[str, Any]) -> None:
-    """Raise ``jsonschema.ValidationError`` when ``data`` is not a valid round manifest."""
+def validate_manifest(data: dict[str, Any], name: str = "round") -> None:
+    """Raise ``jsonschema.ValidationError`` when ``data`` is not a valid manifest of ``name``."""
     validator = jsonschema.Draft202012Validator(
-        load_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        load_schema(name), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
     validator.validate(data)

@@ -1,0 +1,179 @@
+"""``capfilt bootstrap``: BLIP's loop of pre-training, fine-tuning and CapFilt rounds.
+
+    round-0/  pretrain/ captioner/ filter/ eval.json     a model from the web data as it is
+    round-1/  capfilt/                                   CapFilt of the web data by round 0's models
+              pretrain/ captioner/ filter/ eval.json     a new model, from scratch (BLIP Table 13),
+    ...                                                  on the kept pairs plus the clean set
+    ablation/ kept_web/ web_and_synthetic/               BLIP Table 1: filter only, captioner only
+    table.md, table.json, manifest.json                  written last
+
+Every step writes its own manifest naming its parents and is skipped when run again after it
+finished, so a killed bootstrap continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from capfilt.captioner import SamplingConfig
+from capfilt.selection import Policy
+from capfilt.stage import StageConfig
+from manifests import JobManifest, validate_manifest, write_json_atomic
+from manifests.store import read_json
+from pipelines.bootstrap_config import BootstrapConfig, StepTraining
+from pipelines.evaluate import EvalJob, run_eval
+from pipelines.jobs import job_versions, now
+from pipelines.plan import RoundOptions
+from pipelines.train import TrainJob, run_training
+
+log = logging.getLogger(__name__)
+
+# BLIP's Table 1: which captions of a CapFilt round a model is pre-trained on.
+TABLE_ROWS = (
+    ("no CapFilt", None),
+    ("filter only", "kept_web"),
+    ("captioner only", "web_and_synthetic"),
+    ("CapFilt (both)", "kept"),
+)
+
+
+def train_model(cfg: BootstrapConfig, folder: Path, data: list[str]) -> dict[str, str]:
+    """Pre-train from ``cfg.init`` on ``data``, fine-tune captioner and filter on the clean set,
+    evaluate on the test set. Returns the paths of the two fine-tuned models and the eval."""
+    _train(cfg.pretrain, "pretrain", cfg.init, data, folder / "pretrain")
+    _train(cfg.finetune_captioner, "captioner", str(folder / "pretrain"), list(cfg.clean),
+           folder / "captioner")
+    _train(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
+           folder / "filter")
+    models = {"captioner": str(folder / "captioner" / "captioner"),
+              "filter": str(folder / "filter" / "filter")}
+    if cfg.test:
+        models["eval"] = str(folder / "eval.json")
+        if not (folder / "eval.json").exists():
+            e = cfg.eval
+            run_eval(EvalJob(data=cfg.test, filter=models["filter"], captioner=models["captioner"],
+                             output=models["eval"], k=e.k, num_beams=e.num_beams,
+                             max_new_tokens=e.max_new_tokens, limit=e.limit, judge=e.judge,
+                             device=cfg.finetune_filter.device))
+    return models
+
+
+def _train(step: StepTraining, task: str, init: str, data: list[str], out: Path) -> None:
+    run_training(TrainJob(task=task, init=init, data=tuple(data), output=str(out),
+                          config=step.config, workers=step.workers, device=step.device,
+                          negative_mix=step.negative_mix))
+
+
+def capfilt_round(cfg: BootstrapConfig, number: int, models: dict[str, str], out: Path,
+                  parent: str | None) -> str:
+    """Run (or finish) the CapFilt round over the web shards with ``models``."""
+    from pipelines.round import run_round
+
+    if (out / "manifest.json").exists():
+        return str(out)
+    r = cfg.round
+    stage = StageConfig(
+        captioner=models["captioner"], filter=models["filter"],
+        sampling=SamplingConfig(num_captions=r.num_captions, top_p=r.top_p,
+                                max_new_tokens=r.max_new_tokens),
+        policy=Policy(mode=r.policy, threshold=r.threshold, top_k=r.top_k, rank_by=r.rank_by),
+        seed=cfg.seed, device=cfg.finetune_filter.device,
+    )
+    run_round(RoundOptions(inputs=list(cfg.web), output=str(out), stage=stage,
+                           batch_size=r.batch_size, workers=r.workers, round=number,
+                           parent=parent))
+    return str(out)
+
+
+def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:
+    root = Path(cfg.output)
+    manifest_path = root / "manifest.json"
+    if manifest_path.exists():
+        return JobManifest.from_dict(read_json(str(manifest_path)))
+    created, started = now(), time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, work):
+        begin = time.perf_counter()
+        result = work()
+        timings[name] = round(time.perf_counter() - begin, 2)
+        log.info("%s done in %.0fs", name, timings[name])
+        return result
+
+    models = {0: timed("round-0 model", lambda: train_model(
+        cfg, root / "round-0", [*cfg.web, *cfg.clean]))}
+    rounds: dict[int, str] = {}
+    for number in range(1, cfg.rounds + 1):
+        parent = rounds.get(number - 1)
+        rounds[number] = timed(f"round-{number} capfilt", lambda: capfilt_round(
+            cfg, number, models[number - 1], root / f"round-{number}" / "capfilt", parent))
+        models[number] = timed(f"round-{number} model", lambda: train_model(
+            cfg, root / f"round-{number}", [f"{rounds[number]}@kept", *cfg.clean]))
+    table = []
+    if cfg.ablation:
+        for label, view in TABLE_ROWS:
+            if view is None:
+                row_models = models[0]
+            elif view == "kept":
+                row_models = models[1]
+            else:
+                row_models = timed(f"ablation {view}", lambda: train_model(
+                    cfg, root / "ablation" / view, [f"{rounds[1]}@{view}", *cfg.clean]))
+            table.append(table_row(label, view, row_models))
+    else:
+        table = [table_row(f"round {n}", None, models[n]) for n in sorted(models)]
+    write_table(root, table)
+    manifest = JobManifest(
+        kind="bootstrap", status="complete",
+        inputs=[{"role": role, "source": s} for role in ("web", "clean", "test")
+                for s in getattr(cfg, role)] + [{"role": "init", "source": cfg.init}],
+        outputs=[{"role": f"round-{n}", "path": str(root / f"round-{n}")} for n in models]
+        + [{"role": "table", "path": str(root / "table.md")}],
+        parameters=_plain(asdict(cfg)), results={"table": table, "rounds": rounds},
+        timings={**timings, "wall_seconds": round(time.perf_counter() - started, 2)},
+        versions=job_versions(),
+        parents=[f"{path}/manifest.json" for path in rounds.values()],
+        created_at=created, finished_at=now(),
+    )
+    validate_manifest(manifest.to_dict(), "job")
+    write_json_atomic(str(manifest_path), manifest.to_dict())
+    return manifest
+
+
+def table_row(label: str, view: str | None, models: dict[str, str]) -> dict:
+    row = {"row": label, "data": view or "web", "captioner": models["captioner"],
+           "filter": models["filter"]}
+    if "eval" in models:
+        row.update(read_json(models["eval"])["results"]["metrics"])
+    return row
+
+
+METRIC_COLUMNS = (("i2t_r1", "TR@1"), ("t2i_r1", "IR@1"), ("bleu4", "BLEU-4"),
+                  ("caption_accuracy", "caption acc."))
+
+
+def format_table(table: list[dict], extra: tuple[tuple[str, str], ...] = ()) -> str:
+    columns = [c for c in (*METRIC_COLUMNS, *extra) if any(c[0] in row for row in table)]
+    lines = ["| pre-training data | " + " | ".join(name for _, name in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for row in table:
+        cells = [_cell(row.get(key)) for key, _ in columns]
+        lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_table(root: Path, table: list[dict]) -> None:
+    (root / "table.json").write_text(json.dumps(table, indent=2) + "\n")
+    (root / "table.md").write_text(format_table(table))
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,66 @@
+"""Ray Train: the same training loop on N workers with DDP (gloo on CPUs, NCCL on GPUs).
+
+Every worker builds the task and reads the data itself (same seed, same weights; DDP also
+broadcasts rank 0's), takes its share of each global batch, and rank 0 writes the
+checkpoints into the job's folder, which resumes a killed run like the one-process loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from capfilt.terminal import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def _loop_per_worker(settings: dict) -> None:
+    from capfilt.train.build import build_task
+    from capfilt.train.data import Source, load_training_data
+    from capfilt.train.loop import train
+    from pipelines.train import log_progress, make_batches
+
+    configure_logging("INFO")
+    job = settings["job"]
+    context = ray.train.get_context()
+    if not job.device.startswith("cuda"):
+        # Workers on one machine share its cores; more threads than cores only thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix)
+    data = load_training_data([Source.parse(text) for text in job.data])
+    model = ray.train.torch.prepare_model(built.task)
+    device = next(built.task.parameters()).device
+    train(built.task, make_batches(data, built.processor, job.config), job.config,
+          Path(job.output) / "checkpoints", model=model, rank=context.get_world_rank(),
+          world=context.get_world_size(), device=str(device),
+          on_log=lambda record: log_progress(record, job.config.steps))
+
+
+def run_ray_train(job) -> None:
+    """Train ``job`` on ``job.workers`` Ray Train workers; returns when all are done."""
+    from pipelines.dispatch import ensure_ray
+
+    ensure_ray(job.address)
+    use_gpu = job.device.startswith("cuda")
+    trainer = TorchTrainer(
+        _loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=job.workers, use_gpu=use_gpu,
+            # Fractional CPUs: whole ones would starve the 2-core machines this also runs on.
+            resources_per_worker=None if use_gpu else {"CPU": 0.5},
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name="capfilt-train",
+                             storage_path=str((Path(job.output) / "ray").resolve())),
+    )
+    trainer.fit()
