@@ -44,7 +44,7 @@ TABLE_ROWS = (
 def train_model(cfg: BootstrapConfig, folder: Path, data: list[str]) -> dict[str, str]:
     """Pre-train from ``cfg.init`` on ``data``, fine-tune captioner and filter on the clean set,
     evaluate on the test set. Returns the paths of the two fine-tuned models and the eval."""
-    _train(cfg.pretrain, "pretrain", cfg.init, data, folder / "pretrain")
+    _train(cfg.pretrain, "pretrain", cfg.init, data, folder / "pretrain", cfg.vision_init)
     _train(cfg.finetune_captioner, "captioner", str(folder / "pretrain"), list(cfg.clean),
            folder / "captioner")
     _train(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
@@ -62,10 +62,11 @@ def train_model(cfg: BootstrapConfig, folder: Path, data: list[str]) -> dict[str
     return models
 
 
-def _train(step: StepTraining, task: str, init: str, data: list[str], out: Path) -> None:
+def _train(step: StepTraining, task: str, init: str, data: list[str], out: Path,
+           vision_init: str | None = None) -> None:
     run_training(TrainJob(task=task, init=init, data=tuple(data), output=str(out),
                           config=step.config, workers=step.workers, device=step.device,
-                          negative_mix=step.negative_mix))
+                          negative_mix=step.negative_mix, vision_init=vision_init))
 
 
 def capfilt_round(cfg: BootstrapConfig, number: int, models: dict[str, str], out: Path,

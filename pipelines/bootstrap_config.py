@@ -4,6 +4,7 @@ Top-level keys name the data and where models start; one table per step sets tha
 
     output = "runs/boot"            clean = ["clean/"]     web = ["web/"]     test = ["test/"]
     init = "scratch:models/blank"   rounds = 1             ablation = true    seed = 0
+    vision_init = "timm:vit_base_patch16_224.augreg_in21k_ft_in1k"   (optional, with scratch:)
     [pretrain]            steps, batch_size, lr, min_lr, warmup_steps, weight_decay, augment,
     [finetune_captioner]  checkpoint_every, log_every; and negative_mix, workers, device
     [finetune_filter]
@@ -68,6 +69,7 @@ class BootstrapConfig:
     rounds: int = 1
     ablation: bool = False
     seed: int = 0
+    vision_init: str | None = None
     round: RoundSettings = field(default_factory=RoundSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -127,6 +129,7 @@ def load_bootstrap_config(path: str | Path) -> BootstrapConfig:
             rounds=int(data.get("rounds", 1)),
             ablation=bool(data.get("ablation", False)),
             seed=seed,
+            vision_init=data.get("vision_init"),
             pretrain=_step(data.get("pretrain", {}), "pretrain", seed),
             finetune_captioner=_step(data.get("finetune_captioner", {}), "finetune_captioner", seed),
             finetune_filter=_step(data.get("finetune_filter", {}), "finetune_filter", seed),

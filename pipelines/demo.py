@@ -24,11 +24,11 @@ PROFILES = {
         "batch_size": 64,
     },
     "quick": {
-        "world": {"n_clean": 128, "n_web": 384, "n_test": 64, "rows_per_shard": 128},
-        "model": {"hidden": 32, "layers": 2, "patch": 16},
-        "pretrain": {"steps": 40, "lr": 3e-3, "warmup_steps": 5},
-        "finetune": {"steps": 20, "lr": 1e-3, "warmup_steps": 2},
-        "batch_size": 32,
+        "world": {"n_clean": 64, "n_web": 192, "n_test": 32, "rows_per_shard": 64},
+        "model": {"hidden": 32, "layers": 1, "patch": 16},
+        "pretrain": {"steps": 20, "lr": 3e-3, "warmup_steps": 2},
+        "finetune": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
+        "batch_size": 16,
     },
 }
 # Flipping swaps left and right, which this world's captions state, and crops cut shapes:

@@ -47,3 +47,4 @@ class Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+

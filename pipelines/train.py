@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from capfilt.images import ImageTransform
 from capfilt.train.build import build_task, output_refs
 from capfilt.train.checkpoints import latest_checkpoint, load_checkpoint
-from capfilt.train.data import BatchMaker, Source, load_training_data
+from capfilt.train.data import Source, batches_for, load_training_data
 from capfilt.train.loop import TrainConfig, train
+from capfilt.train.progress import TrainProgress
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.jobs import job_versions, now, parent_manifest
@@ -63,8 +63,10 @@ def run_training(job: TrainJob) -> JobManifest:
     data = load_training_data(sources)
     log.info("%s: %d images from %s", job.task, len(data), ", ".join(map(str, sources)))
     if job.workers > 1:
+        from pipelines.dispatch import ensure_ray
         from workers.train_worker import run_ray_train
 
+        ensure_ray(job.address)
         run_ray_train(job)
         built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix)
         state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
@@ -73,9 +75,9 @@ def run_training(job: TrainJob) -> JobManifest:
     else:
         built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix)
         built.task.to(job.device)
-        batches = make_batches(data, built.processor, job.config)
+        batches = batches_for(data, built.processor, job.config)
         result = train(built.task, batches, job.config, out / "checkpoints", device=job.device,
-                       on_log=lambda record: log_progress(record, job.config.steps))
+                       on_log=TrainProgress(job.task, job.config.steps))
         history, resumed = result.history, result.resumed_from
     paths = built.task.cpu().export(out, built.processor)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -98,14 +100,3 @@ def run_training(job: TrainJob) -> JobManifest:
     write_json_atomic(str(manifest_path), manifest.to_dict())
     return manifest
 
-
-def make_batches(data, processor, config: TrainConfig) -> BatchMaker:
-    transform = ImageTransform.from_processor(processor.image_processor)
-    return BatchMaker(data, transform, config.batch_size, config.seed, config.augment)
-
-
-def log_progress(record: dict, steps: int) -> None:
-    losses = "  ".join(f"{k} {v:.3f}" for k, v in record.items()
-                       if k not in ("step", "lr", "images_per_s"))
-    log.info("step %d/%d  %s  lr %.2e  %.1f images/s", record["step"], steps, losses,
-             record["lr"], record["images_per_s"])

@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 def _loop_per_worker(settings: dict) -> None:
     from capfilt.train.build import build_task
-    from capfilt.train.data import Source, load_training_data
+    from capfilt.train.data import Source, batches_for, load_training_data
     from capfilt.train.loop import train
-    from pipelines.train import log_progress, make_batches
+    from capfilt.train.progress import TrainProgress
 
     configure_logging("INFO")
     job = settings["job"]
@@ -39,17 +39,15 @@ def _loop_per_worker(settings: dict) -> None:
     data = load_training_data([Source.parse(text) for text in job.data])
     model = ray.train.torch.prepare_model(built.task)
     device = next(built.task.parameters()).device
-    train(built.task, make_batches(data, built.processor, job.config), job.config,
+    train(built.task, batches_for(data, built.processor, job.config), job.config,
           Path(job.output) / "checkpoints", model=model, rank=context.get_world_rank(),
           world=context.get_world_size(), device=str(device),
-          on_log=lambda record: log_progress(record, job.config.steps))
+          on_log=TrainProgress(job.task, job.config.steps))
 
 
 def run_ray_train(job) -> None:
-    """Train ``job`` on ``job.workers`` Ray Train workers; returns when all are done."""
-    from pipelines.dispatch import ensure_ray
-
-    ensure_ray(job.address)
+    """Train ``job`` on ``job.workers`` Ray Train workers (Ray already started); returns when
+    all are done."""
     use_gpu = job.device.startswith("cuda")
     trainer = TorchTrainer(
         _loop_per_worker,

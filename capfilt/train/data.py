@@ -185,6 +185,12 @@ def batch_indices(step: int, batch_size: int, size: int, seed: int) -> list[int]
     return out
 
 
+def batches_for(data: TrainingData, processor, config) -> "BatchMaker":
+    """The batches of ``config`` (a ``TrainConfig``) with the processor's eval transform."""
+    transform = ImageTransform.from_processor(processor.image_processor)
+    return BatchMaker(data, transform, config.batch_size, config.seed, config.augment)
+
+
 class BatchMaker:
     """(step, rank, world) -> pixel values and one caption per image for that rank's share."""
 

@@ -1,0 +1,41 @@
+"""A training job's progress line: steps, losses, images/s and time left."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+class TrainProgress:
+    """Steps, losses, images/s and time left of a training job: one line per log interval
+    (rewritten in place on a terminal)."""
+
+    def __init__(self, name: str, steps: int, stream=None):
+        self.name = name
+        self.steps = steps
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.perf_counter()
+        self.first_step: int | None = None
+
+    def __call__(self, record: dict) -> None:
+        step = record["step"]
+        if self.first_step is None:
+            self.first_step = step - 1
+        elapsed = time.perf_counter() - self.started
+        rate = (step - self.first_step) / max(elapsed, 1e-9)
+        losses = " ".join(f"{k} {v:.3f}" for k, v in record.items()
+                          if k not in ("step", "lr", "images_per_s"))
+        line = (f"{self.name} step {step}/{self.steps} | {losses} | lr {record['lr']:.2e} | "
+                f"{record['images_per_s']:.1f} images/s")
+        if step < self.steps:
+            line += f" | about {(self.steps - step) / rate:.0f}s left"
+        log.info("%s", line)
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if step >= self.steps else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
