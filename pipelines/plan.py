@@ -34,6 +34,7 @@ class RoundOptions:
     round: int = 1
     parent: str | None = None
     settings: dict = field(default_factory=dict)  # as resolved from config and flags
+    write: tuple[str, ...] = ()  # extra views per shard: "webdataset"
 
     def parameters(self) -> dict:
         """The settings that decide the output; a rerun must use the same ones."""
@@ -93,7 +94,7 @@ def plan_round(options: RoundOptions) -> RoundPlan:
         write_json_atomic(plan_path(options.output), recorded)
     done = {}
     for index, shard in enumerate(shards):
-        result = finished_shard(options.output, index, shard)
+        result = finished_shard(options.output, index, shard, "webdataset" in options.write)
         if result is not None:
             done[index] = result
     plan = RoundPlan(options=options, shards=shards, done=done)
