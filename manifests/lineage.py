@@ -31,7 +31,8 @@ def find_rounds(root: str, depth: int = 3) -> tuple[list[FoundRound], list[str]]
     found, problems = [], []
     for manifest_path in sorted(p for p in dict.fromkeys(candidates) if fs.isfile(p)):
         folder = manifest_path[: -len(MANIFEST_NAME) - 1]
-        url = folder if "://" not in root else fs.unstrip_protocol(folder)
+        # Shown as the user named the root: "rounds/round-0001", not an absolute path.
+        url = root.rstrip("/") + folder[len(path):] if folder.startswith(path) else folder
         try:
             found.append(FoundRound(url, read_manifest(url)))
         except (ManifestError, KeyError, TypeError) as exc:
