@@ -20,6 +20,7 @@ from capfilt.captioner import Captioner, SamplingConfig
 from capfilt.images import ImageRejected, ImageTransform, decode_image
 from capfilt.models import load_model
 from capfilt.scorer import Scorer
+from capfilt.scorer_blip2 import make_scorer
 from capfilt.selection import Policy, candidates, select
 from capfilt.shard_reader import SUCCESS
 
@@ -111,7 +112,7 @@ class CapFiltStage:
         filter_model = load_model(config.filter, "filter", config.device, config.dtype)
         return cls(
             Captioner(captioner_model, config.sampling, config.seed),
-            Scorer(filter_model, itm_token=config.itm_token),
+            make_scorer(filter_model, config.itm_token),
             config.policy,
             ImageTransform.from_processor(captioner_model.processor.image_processor),
             ImageTransform.from_processor(filter_model.processor.image_processor),
