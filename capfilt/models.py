@@ -20,6 +20,7 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipProcessor,
+    CLIPModel,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +28,8 @@ MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForIma
 # Chosen by the checkpoint's own config (model_type), not by a flag: role -> model_type -> class.
 MODEL_TYPES = {
     "captioner": {"blip": BlipForConditionalGeneration},
-    "filter": {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval},
+    "filter": {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
+               "clip": CLIPModel},
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
@@ -73,7 +75,7 @@ def check_model_source(source: str, role: str) -> None:
         expected = " or ".join(repr(t) for t in MODEL_TYPES[role])
         raise ModelSourceError(
             f"{role} model {source}: model_type {model_type!r}, expected {expected} (a BLIP "
-            f"{'captioner' if role == 'captioner' else 'or BLIP-2 ITM checkpoint'})"
+            f"{'captioner' if role == 'captioner' else ', BLIP-2 ITM or CLIP checkpoint'})"
         )
     wanted = MODEL_TYPES[role][model_type].__name__
     named = getattr(config, "architectures", None) or [wanted]
@@ -81,6 +83,11 @@ def check_model_source(source: str, role: str) -> None:
         # A BLIP-2 captioner given as the filter would load with a random ITM head.
         raise ModelSourceError(f"{role} model {source}: its config names {', '.join(named)}, "
                                f"not {wanted}")
+
+
+def gives_itm(source: str) -> bool:
+    """Whether the filter at ``source`` has an ITM head (CLIP does not: it only ranks)."""
+    return model_class(source, "filter") is not CLIPModel
 
 
 def model_class(source: str, role: str) -> type:

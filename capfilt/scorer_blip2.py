@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Blip2ForImageTextRetrieval
 
 from capfilt.models import LoadedModel
-from capfilt.scorer import Scorer, _regroup
+from capfilt.scorer import _regroup
 
 # LAVIS's Blip2Qformer truncates text at 32 tokens.
 BLIP2_TEXT_TOKENS = 32
@@ -77,12 +76,3 @@ class Blip2Scorer:
 def _ones(hidden: torch.Tensor) -> torch.Tensor:
     return torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
 
-
-def make_scorer(loaded: LoadedModel, itm_token: str = "enc"):
-    """The scorer the filter checkpoint's own class calls for (BLIP or BLIP-2).
-
-    ``itm_token`` is BLIP's choice of first ITM token; BLIP-2's Q-Former has no [ENC].
-    """
-    if isinstance(loaded.model, Blip2ForImageTextRetrieval):
-        return Blip2Scorer(loaded)
-    return Scorer(loaded, itm_token=itm_token)

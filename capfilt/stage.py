@@ -20,7 +20,7 @@ from capfilt.captioner import Captioner, SamplingConfig
 from capfilt.images import ImageRejected, ImageTransform, decode_image
 from capfilt.models import load_model
 from capfilt.scorer import Scorer
-from capfilt.scorer_blip2 import make_scorer
+from capfilt.scorers import make_scorer
 from capfilt.selection import Policy, candidates, select
 from capfilt.shard_reader import SUCCESS
 
