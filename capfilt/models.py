@@ -16,18 +16,23 @@ import transformers
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipProcessor,
     CLIPModel,
+    InstructBlipForConditionalGeneration,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
+ROLE_FAMILIES = {"captioner": "BLIP, BLIP-2 or InstructBLIP captioning",
+                 "filter": "BLIP ITM, BLIP-2 ITM or CLIP"}
 # Chosen by the checkpoint's own config (model_type), not by a flag: role -> model_type -> class.
 MODEL_TYPES = {
-    "captioner": {"blip": BlipForConditionalGeneration},
+    "captioner": {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,
+                  "instructblip": InstructBlipForConditionalGeneration},
     "filter": {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
                "clip": CLIPModel},
 }
@@ -74,8 +79,8 @@ def check_model_source(source: str, role: str) -> None:
     if model_type not in MODEL_TYPES[role]:
         expected = " or ".join(repr(t) for t in MODEL_TYPES[role])
         raise ModelSourceError(
-            f"{role} model {source}: model_type {model_type!r}, expected {expected} (a BLIP "
-            f"{'captioner' if role == 'captioner' else ', BLIP-2 ITM or CLIP checkpoint'})"
+            f"{role} model {source}: model_type {model_type!r}, expected {expected} (a "
+            f"{ROLE_FAMILIES[role]} checkpoint)"
         )
     wanted = MODEL_TYPES[role][model_type].__name__
     named = getattr(config, "architectures", None) or [wanted]
