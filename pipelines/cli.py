@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     missing = [name for name in REQUIRED.get(args.command, ()) if getattr(args, name) is None]
     if args.command == "run" and not (args.input or args.url_list):
-        missing.insert(0, "input")
+        missing.insert(0, "input or --url-list")
     if args.command == "run" and args.input and args.url_list:
         subparser.error("give --input or --url-list, not both")
     if missing:
