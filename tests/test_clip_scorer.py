@@ -22,7 +22,10 @@ def clip_filter(tmp_path_factory):
     config = CLIPConfig(
         text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
                      "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "max_position_embeddings": 40},
+                     "max_position_embeddings": 40, "bos_token_id": tokenizer.cls_token_id,
+                     # CLIP pools the text at its end token: [SEP] for this tokenizer.
+                     "eos_token_id": tokenizer.sep_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
         projection_dim=16,
@@ -46,7 +49,7 @@ def test_blip2_recipe_with_a_clip_ranker(clip_filter, tiny_models, img2dataset_p
         assert row["web_itm"] is None and row["synthetic_itm"] == [None] * 3
         scores = {row["web_caption"]: row["web_itc"],
                   **dict(zip(row["synthetic_captions"], row["synthetic_itc"]))}
-        assert len(row["kept_captions"]) == 2
+        assert len(row["kept_captions"]) == 2 and len(set(scores.values())) == 4
         assert [scores[c] for c in row["kept_captions"]] == sorted(scores.values(), reverse=True)[:2]
 
 

@@ -78,22 +78,22 @@ def test_captions_are_seeded_per_image_and_caption(lm_captioner):
     expected = (Blip2ForConditionalGeneration if kind == "blip2"
                 else InstructBlipForConditionalGeneration)
     assert type(loaded.model) is expected
-    sampling = SamplingConfig(num_captions=2, max_new_tokens=6, prompt="a picture of")
+    sampling = SamplingConfig(num_captions=2, max_new_tokens=4, prompt="a picture of")
     captioner = make_captioner(loaded, sampling, seed=7)
     assert isinstance(captioner, LanguageModelCaptioner)
     torch.manual_seed(3)
-    pixels, keys = torch.randn(3, 3, 32, 32), ["a", "b", "c"]
+    pixels, keys = torch.randn(2, 3, 32, 32), ["a", "b"]
     captions = captioner(pixels, keys)
-    assert [len(c) for c in captions] == [2, 2, 2]
+    assert [len(c) for c in captions] == [2, 2]
     assert all(isinstance(t, str) for c in captions for t in c)
     assert captioner(pixels[1:2], keys[1:2]) == captions[1:2]  # a batch changes nothing
-    assert make_captioner(loaded, sampling, seed=8)(pixels, keys) != captions
+    assert make_captioner(loaded, sampling, seed=8)(pixels[1:2], keys[1:2]) != captions[1:2]
     # The prompt layout transformers' generate expects: the queries' places, then the prompt.
     assert captioner.input_ids[0, :4].tolist() == [loaded.model.config.image_token_index] * 4
     torch.manual_seed(caption_seed(7, "b", 1))
     out = loaded.model.generate(pixel_values=pixels[1:2], input_ids=captioner.input_ids,
                                 **captioner.qformer_inputs, do_sample=True, top_p=0.9, top_k=50,
-                                repetition_penalty=1.1, max_new_tokens=6, min_new_tokens=1)
+                                repetition_penalty=1.1, max_new_tokens=4, min_new_tokens=1)
     text = loaded.processor.tokenizer.decode(out[0, captioner.input_ids.shape[1]:],
                                              skip_special_tokens=True).strip()
     assert text == captions[1][1]
@@ -105,9 +105,9 @@ def test_a_capfilt_step_with_a_blip2_captioner(lm_captioner, tiny_models, img2da
         pytest.skip("one family is enough for the whole step")
     stage = CapFiltStage.from_config(StageConfig(
         captioner=str(folder), filter=str(tiny_models["filter"]),
-        sampling=SamplingConfig(num_captions=2, max_new_tokens=5)))
+        sampling=SamplingConfig(num_captions=1, max_new_tokens=4)))
     shard = read_shard(f"{img2dataset_parquet}/00000.parquet").table
     rows, rejects = stage(shard)
     assert rows.num_rows + rejects.num_rows == shard.num_rows and rows.num_rows > 0
-    assert all(len(c) == 2 for c in rows.column("synthetic_captions").to_pylist())
-    assert all(len(s) == 2 for s in rows.column("synthetic_itm").to_pylist())
+    assert all(len(c) == 1 for c in rows.column("synthetic_captions").to_pylist())
+    assert all(len(s) == 1 for s in rows.column("synthetic_itm").to_pylist())
