@@ -84,15 +84,23 @@ class ImageTransform:
     interpolation: tvF.InterpolationMode
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # CLIP's processors resize the shorter side, then crop the centre to height x width.
+    shortest_edge: int | None = None
 
     @classmethod
     def from_processor(cls, processor) -> "ImageTransform":
         size = processor.size
         # The processor's fused rescale-normalise: float32 tensors times 1/rescale_factor.
         scale = 1.0 / float(processor.rescale_factor)
+        shortest = size.get("shortest_edge")
+        if shortest is not None:
+            crop = processor.crop_size if processor.do_center_crop else {
+                "height": shortest, "width": shortest}
+            size = {"height": crop["height"], "width": crop["width"]}
         return cls(
             height=int(size["height"]),
             width=int(size["width"]),
+            shortest_edge=None if shortest is None else int(shortest),
             interpolation=_INTERPOLATION[int(processor.resample)],
             mean=tuple((torch.tensor(processor.image_mean) * scale).tolist()),
             std=tuple((torch.tensor(processor.image_std) * scale).tolist()),
@@ -100,9 +108,16 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        resized = tvF.resize(
-            pixels, [self.height, self.width], interpolation=self.interpolation, antialias=True
-        )
+        if self.shortest_edge is None:
+            target = [self.height, self.width]
+        else:
+            height, width = pixels.shape[1:]
+            short, long = sorted((height, width))
+            scaled = (self.shortest_edge, int(self.shortest_edge * long / short))
+            target = list(scaled if height <= width else scaled[::-1])
+        resized = tvF.resize(pixels, target, interpolation=self.interpolation, antialias=True)
+        if self.shortest_edge is not None:
+            resized = tvF.center_crop(resized, [self.height, self.width])
         return tvF.normalize(resized.to(torch.float32), self.mean, self.std)
 
 

@@ -15,13 +15,27 @@ import torch
 import transformers
 from transformers import (
     AutoConfig,
+    AutoProcessor,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipProcessor,
+    CLIPModel,
+    InstructBlipForConditionalGeneration,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
+ROLE_FAMILIES = {"captioner": "BLIP, BLIP-2 or InstructBLIP captioning",
+                 "filter": "BLIP ITM, BLIP-2 ITM or CLIP"}
+# Chosen by the checkpoint's own config (model_type), not by a flag: role -> model_type -> class.
+MODEL_TYPES = {
+    "captioner": {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,
+                  "instructblip": InstructBlipForConditionalGeneration},
+    "filter": {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
+               "clip": CLIPModel},
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 transformers.utils.logging.disable_progress_bar()
@@ -57,14 +71,34 @@ def check_model_source(source: str, role: str) -> None:
     elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ModelSourceError(f"{role} model {source!r}: no such folder, and not a hub id")
     try:
-        model_type = AutoConfig.from_pretrained(source).model_type
+        config = AutoConfig.from_pretrained(source)
+        model_type = config.model_type
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise ModelSourceError(f"{role} model {source!r}: cannot load its config ({first_line})")
-    if model_type != "blip":
+    if model_type not in MODEL_TYPES[role]:
+        expected = " or ".join(repr(t) for t in MODEL_TYPES[role])
         raise ModelSourceError(
-            f"{role} model {source}: model_type {model_type!r}, expected a BLIP checkpoint"
+            f"{role} model {source}: model_type {model_type!r}, expected {expected} (a "
+            f"{ROLE_FAMILIES[role]} checkpoint)"
         )
+    wanted = MODEL_TYPES[role][model_type].__name__
+    named = getattr(config, "architectures", None) or [wanted]
+    if model_type != "blip" and wanted not in named:
+        # A BLIP-2 captioner given as the filter would load with a random ITM head.
+        raise ModelSourceError(f"{role} model {source}: its config names {', '.join(named)}, "
+                               f"not {wanted}")
+
+
+def gives_itm(source: str) -> bool:
+    """Whether the filter at ``source`` has an ITM head (CLIP does not: it only ranks)."""
+    return model_class(source, "filter") is not CLIPModel
+
+
+def model_class(source: str, role: str) -> type:
+    """The transformers class for ``role`` that the checkpoint's config names."""
+    model_type = AutoConfig.from_pretrained(source, local_files_only=Path(source).is_dir()).model_type
+    return MODEL_TYPES[role].get(model_type, MODEL_CLASSES[role])
 
 
 def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
@@ -74,7 +108,7 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
     # A local folder never touches the network; only a hub id the user named does.
     local = Path(source).is_dir()
     try:
-        model = MODEL_CLASSES[role].from_pretrained(
+        model = model_class(source, role).from_pretrained(
             source, dtype=torch_dtype, local_files_only=local
         )
     except pickle.UnpicklingError as exc:
@@ -83,7 +117,8 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
             "hold tensors (only safetensors or torch.load(weights_only=True) files load)"
         ) from exc
     model = model.to(device).eval()
-    processor = BlipProcessor.from_pretrained(source, local_files_only=local)
+    processor_class = BlipProcessor if isinstance(model, MODEL_CLASSES[role]) else AutoProcessor
+    processor = processor_class.from_pretrained(source, local_files_only=local)
     return LoadedModel(model, processor, torch.device(device), torch_dtype)
 
 

@@ -157,7 +157,7 @@ def _summary(manifest: RoundManifest) -> str:
 def _score_plots(rows, threshold: float, policy: dict) -> str:
     flat = [r for shard_rows in rows.values() for r in shard_rows]
     itm = {"web": [r["web_itm"] for r in flat if r["web_itm"] is not None],
-           "synthetic": [v for r in flat for v in r["synthetic_itm"]]}
+           "synthetic": [v for r in flat for v in r["synthetic_itm"] if v is not None]}
     itc = {"web": [r["web_itc"] for r in flat if r["web_itc"] is not None],
            "synthetic": [v for r in flat for v in r["synthetic_itc"]]}
     marker = threshold if policy.get("mode", "threshold") in ("threshold", "both") else None
@@ -251,11 +251,12 @@ def _grid(chosen: list[Sample], images: dict, threshold: float) -> str:
     return f'<div class="grid">{"".join(cards)}</div>'
 
 
-def _caption_line(source: str, text: str, itm: float, itc: float, kept: bool) -> str:
+def _caption_line(source: str, text: str, itm: float | None, itc: float, kept: bool) -> str:
     mark = "kept" if kept else "dropped"
+    itm_text = "-" if itm is None else f"{itm:.3f}"
     return (f'<li class="{mark} {source}"><span class="badge">{"&#10003;" if kept else "&#10007;"}'
             f'</span> <b>{source}</b> {escape(text)} '
-            f'<span class="score">ITM {itm:.3f} &middot; ITC {itc:.3f}</span></li>')
+            f'<span class="score">ITM {itm_text} &middot; ITC {itc:.3f}</span></li>')
 
 
 PAGE = """<!DOCTYPE html>

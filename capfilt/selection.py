@@ -41,7 +41,7 @@ class Policy:
 class Candidate:
     text: str
     source: str
-    itm: float
+    itm: float | None  # None: the filter (CLIP) gives no match probability
     itc: float
 
 
@@ -55,7 +55,7 @@ def candidates(
 ) -> list[Candidate]:
     """An image's scored texts, web first; a missing web caption is simply not a candidate."""
     found = []
-    if web_caption is not None and web_itm is not None:
+    if web_caption is not None and (web_itm is not None or web_itc is not None):
         found.append(Candidate(web_caption, WEB, web_itm, web_itc))
     found += [
         Candidate(text, SYNTHETIC, itm, itc)
@@ -68,7 +68,8 @@ def select(texts: list[Candidate], policy: Policy) -> list[Candidate]:
     """The kept texts, in order: for ranking, best first (ties keep web before synthetic)."""
     kept = texts
     if policy.mode in ("threshold", "both"):
-        kept = [c for c in kept if c.itm >= policy.threshold]
+        # A text without an ITM probability (a CLIP filter) never passes a threshold.
+        kept = [c for c in kept if c.itm is not None and c.itm >= policy.threshold]
     if policy.mode in ("topk", "both"):
         score = (lambda c: c.itm) if policy.rank_by == "itm" else (lambda c: c.itc)
         kept = sorted(kept, key=score, reverse=True)[: policy.top_k]

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from capfilt.round_folder import commit_shard, rejects_path, shard_path
+from capfilt.round_folder import commit_shard, rejects_path, shard_path, tar_path
 from capfilt.shard_reader import ReaderOptions, ShardReadError, read_shard
 from capfilt.stage import OUTPUT_SCHEMA, REJECT_SCHEMA, CapFiltStage, reject_row
+from capfilt.webdataset_view import webdataset_tar
 from manifests import ShardResult, ShardStatus
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,12 @@ def run_shard(
     reader: ReaderOptions = ReaderOptions(),
     attempt: int = 1,
     worker: str | None = None,
+    write: tuple[str, ...] = (),
 ) -> ShardResult:
-    """Process a whole shard and commit it; a shard that cannot be read comes back failed."""
+    """Process a whole shard and commit it; a shard that cannot be read comes back failed.
+
+    ``write`` names extra views to write beside the parquet: ``("webdataset",)``.
+    """
     started = time.perf_counter()
     try:
         shard = read_shard(input_path, reader)
@@ -63,8 +68,12 @@ def run_shard(
         worker=worker,
         **shard_counts(rows, rejected),
     )
+    tar = None
+    if "webdataset" in write:
+        tar, result.webdataset_samples = webdataset_tar(rows)
+        result.webdataset = tar_path(round_dir, index)
     result.seconds = round(time.perf_counter() - started, 3)
-    commit_shard(round_dir, result, rows, rejected)
+    commit_shard(round_dir, result, rows, rejected, tar)
     return result
 
 

@@ -17,9 +17,11 @@ import pyarrow as pa
 import torch
 
 from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.captioners import make_captioner
 from capfilt.images import ImageRejected, ImageTransform, decode_image
 from capfilt.models import load_model
 from capfilt.scorer import Scorer
+from capfilt.scorers import make_scorer
 from capfilt.selection import Policy, candidates, select
 from capfilt.shard_reader import SUCCESS
 
@@ -106,12 +108,12 @@ class CapFiltStage:
         self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
     @classmethod
-    def from_config(cls, config: StageConfig) -> "CapFiltStage":
+    def from_config(cls, config: StageConfig) -> CapFiltStage:
         captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype)
         filter_model = load_model(config.filter, "filter", config.device, config.dtype)
         return cls(
-            Captioner(captioner_model, config.sampling, config.seed),
-            Scorer(filter_model, itm_token=config.itm_token),
+            make_captioner(captioner_model, config.sampling, config.seed),
+            make_scorer(filter_model, config.itm_token),
             config.policy,
             ImageTransform.from_processor(captioner_model.processor.image_processor),
             ImageTransform.from_processor(filter_model.processor.image_processor),
@@ -121,7 +123,7 @@ class CapFiltStage:
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         return self.compute(self.prepare(table))
 
-    def prepare(self, table: pa.Table) -> "Prepared":
+    def prepare(self, table: pa.Table) -> Prepared:
         """The CPU half: decode and transform every image (threads). Runs ahead of ``compute``."""
         rows = table.to_pylist()
         prepared = Prepared()
@@ -132,7 +134,7 @@ class CapFiltStage:
                 prepared.good.append((row, *decoded))
         return prepared
 
-    def compute(self, prepared: "Prepared") -> tuple[pa.Table, pa.Table]:
+    def compute(self, prepared: Prepared) -> tuple[pa.Table, pa.Table]:
         """The model half: caption, score and select the decoded images.
 
         Out of memory, the batch is split in halves and retried, and later batches stay at the

@@ -48,6 +48,8 @@ class ShardResult:
     status: str
     output: str | None = None
     rejects: str | None = None
+    webdataset: str | None = None  # the shard's webdataset tar, when one was asked for
+    webdataset_samples: int | None = None  # images in it (those with a kept text)
     rows_in: int = 0
     rows_out: int = 0
     rows_rejected: int = 0

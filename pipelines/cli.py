@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-
-from pipelines.train_cli import TRAIN_COMMANDS, add_training_commands
 
 EXAMPLES = """examples:
   capfilt demo --output runs/demo
@@ -20,7 +19,10 @@ EXAMPLES = """examples:
 """
 
 
-REQUIRED = {"run": ("input", "output", "captioner", "filter")}
+REQUIRED = {"run": ("output", "captioner", "filter")}
+# Commands with their own modules: each has register(commands) -> {name: handler}.
+EXTENSIONS = ("pipelines.download", "pipelines.views", "pipelines.lineage", "pipelines.convert",
+              "pipelines.train_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Example: capfilt validate rounds/round-0001",
     )
     validate.add_argument("round_dir")
-    add_training_commands(commands)
+    for module in EXTENSIONS:
+        COMMANDS.update(importlib.import_module(module).register(commands))
     for command in commands.choices.values():
         command.add_argument(
             "--config", default=None, metavar="TOML",
@@ -104,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         apply_config(subparser, origin, values)
         args = parser.parse_args(argv)
     missing = [name for name in REQUIRED.get(args.command, ()) if getattr(args, name) is None]
+    if args.command == "run" and not (args.input or args.url_list):
+        missing.insert(0, "input or --url-list")
+    if args.command == "run" and args.input and args.url_list:
+        subparser.error("give --input or --url-list, not both")
     if missing:
         flags = ", ".join(f"--{m}" for m in missing)
         subparser.error(f"missing {flags} (give the flag, or the key in a --config file)")
@@ -121,6 +128,12 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     io.add_argument("--input", nargs="+",
                     help="shards: paths, globs, brace ranges, folders or fsspec URLs")
     io.add_argument("--output", help="round folder (local path or fsspec URL)")
+    io.add_argument("--url-list", default=None,
+                    help="download this img2dataset url list first (instead of --input)")
+    io.add_argument("--download-to", default=None,
+                    help="shard folder for --url-list (default: shards/ beside --output)")
+    io.add_argument("--write", action="append", default=[], choices=["webdataset"],
+                    help="also write shards/NNNNN.tar for training loaders")
     io.add_argument("--image-column", default="jpg")
     io.add_argument("--caption-column", default="caption")
     io.add_argument("--key-column", default="key")
@@ -189,7 +202,7 @@ def round_options(args: argparse.Namespace):
                         batch_size=args.batch_size, workers=args.workers, address=args.address,
                         settings=resolved_settings(args),
                         reader=reader, round=args.round or _next_round(args.parent),
-                        parent=args.parent)
+                        parent=args.parent, write=tuple(sorted(set(args.write))))
 
 
 def _next_round(parent: str | None) -> int:
@@ -226,6 +239,10 @@ def print_summary(manifest, output: str) -> None:
 def command_run(args) -> int:
     from pipelines.round import run_round
 
+    if args.url_list and not args.dry_run:
+        from pipelines.download import download_for_run
+
+        args.input = download_for_run(args)
     options = round_options(args)
     if args.dry_run:
         from pipelines.config import to_toml
@@ -280,7 +297,7 @@ def command_report(args) -> int:
 
 
 COMMANDS = {"run": command_run, "report": command_report, "demo": command_demo, "validate": command_validate,
-            "tiny-models": command_tiny_models, **TRAIN_COMMANDS}
+            "tiny-models": command_tiny_models}
 
 
 def main(argv: list[str] | None = None) -> int:

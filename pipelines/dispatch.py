@@ -44,6 +44,7 @@ def dispatch(
     reader: ReaderOptions,
     workers: int | None,
     on_result: Callable[[ShardResult], None],
+    write: tuple[str, ...] = (),
 ) -> list[ShardResult]:
     """Run every shard in ``todo`` on worker actors and return their results."""
     if not todo:
@@ -77,7 +78,8 @@ def dispatch(
         while queue and idle:
             actor = idle.popleft()
             index, path, attempt = queue.popleft()
-            ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt)
+            ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt,
+                                       write)
             running[ref] = (actor, index, path, attempt)
         ready, _ = ray.wait(list(running), num_returns=1)
         ref = ready[0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.models import check_model_source
+from capfilt.models import check_model_source, gives_itm
 from capfilt.round_folder import finished_shard, plan_path
 from capfilt.shard_reader import ReaderOptions, expand_inputs
 from capfilt.stage import StageConfig
@@ -34,6 +34,7 @@ class RoundOptions:
     round: int = 1
     parent: str | None = None
     settings: dict = field(default_factory=dict)  # as resolved from config and flags
+    write: tuple[str, ...] = ()  # extra views per shard: "webdataset"
 
     def parameters(self) -> dict:
         """The settings that decide the output; a rerun must use the same ones."""
@@ -79,6 +80,11 @@ def plan_round(options: RoundOptions) -> RoundPlan:
                             f"{parent.round}")
     check_model_source(options.stage.captioner, "captioner")
     check_model_source(options.stage.filter, "filter")
+    policy = options.stage.policy
+    if not gives_itm(options.stage.filter) and (policy.mode, policy.rank_by) != ("topk", "itc"):
+        raise PlanError(f"filter {options.stage.filter} is CLIP, which gives no ITM "
+                        "probability to threshold or rank by: use --policy topk --rank-by itc "
+                        "(BLIP-2's ranking)")
     _check_writable(options.output)
     recorded = {"parameters": options.parameters(), "inputs": shards}
     fs, path = fsspec.core.url_to_fs(plan_path(options.output))
@@ -93,7 +99,7 @@ def plan_round(options: RoundOptions) -> RoundPlan:
         write_json_atomic(plan_path(options.output), recorded)
     done = {}
     for index, shard in enumerate(shards):
-        result = finished_shard(options.output, index, shard)
+        result = finished_shard(options.output, index, shard, "webdataset" in options.write)
         if result is not None:
             done[index] = result
     plan = RoundPlan(options=options, shards=shards, done=done)

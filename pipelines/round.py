@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import capfilt
-from capfilt.models import MODEL_CLASSES, weights_sha256
+from capfilt.models import model_class, weights_sha256
 from capfilt.report import write_report
 from capfilt.shard_reader import shard_format
 from capfilt.terminal import log_file
@@ -58,6 +58,7 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
         for result in dispatch(
             options.stage, plan.todo, options.output, options.batch_size, options.reader,
             options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
+            options.write,
         ):
             results[result.index] = result
     else:
@@ -92,7 +93,7 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
         for i, path in enumerate(plan.shards)
     ]
     models = [
-        ModelRef(role=role, source=source, model_class=MODEL_CLASSES[role].__name__,
+        ModelRef(role=role, source=source, model_class=model_class(source, role).__name__,
                  weights_sha256=weights_sha256(source))
         for role, source in (("captioner", options.stage.captioner),
                              ("filter", options.stage.filter))

@@ -147,3 +147,9 @@ def command_bootstrap(args) -> int:
 
 TRAIN_COMMANDS = {"pretrain": command_train, "finetune": command_train, "eval": command_eval,
                   "bootstrap": command_bootstrap}
+
+
+def register(commands) -> dict:
+    """Add pretrain, finetune, bootstrap and eval; return their handlers."""
+    add_training_commands(commands)
+    return TRAIN_COMMANDS

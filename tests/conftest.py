@@ -69,3 +69,22 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def url_list_round(tmp_path_factory, ray_local, tiny_models):
+    """``capfilt run --url-list`` for real: img2dataset downloads 6 small images, an 800x600
+    one, a broken and a missing file from 127.0.0.1, then a round writes parquet and
+    webdataset shards. Returns (work folder, url list, round folder)."""
+    from pipelines.cli import main
+    from tests.web_world import write_url_list
+
+    work = tmp_path_factory.mktemp("urllist")
+    round_dir = work / "rounds" / "round-0001"
+    with write_url_list(work) as urls:
+        code = main(["run", "--url-list", str(urls), "--output", str(round_dir),
+                     "--captioner", str(tiny_models["captioner"]),
+                     "--filter", str(tiny_models["filter"]), "--workers", "1",
+                     "--write", "webdataset", "--batch-size", "4"])
+    assert code == 0
+    return work, urls, round_dir

@@ -78,3 +78,19 @@ def img2dataset_download(site: Path, work: Path, output_format: str, per_shard: 
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
         subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
     return out
+
+
+@contextmanager
+def write_url_list(work: Path):
+    """Serve 6 small drawn images, an 800x600 one, a broken and a missing file; yield a url
+    list (parquet: url, caption) that is valid while the server runs."""
+    from capfilt.sample_shards import draw_shape
+
+    pairs = make_site(work / "site", 6)
+    draw_shape("circle", "red", size=600).resize((800, 600)).save(work / "site" / "big.jpg")
+    pairs.append(("big.jpg", "a big red circle"))
+    with serve_folder(work / "site") as base:
+        urls = work / "urls.parquet"
+        pq.write_table(pa.table({"url": [f"{base}/{name}" for name, _ in pairs],
+                                 "caption": [caption for _, caption in pairs]}), urls)
+        yield urls

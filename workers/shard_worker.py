@@ -29,10 +29,10 @@ class ShardWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id()}
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
-                reader: ReaderOptions, attempt: int = 1) -> dict:
+                reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = ()) -> dict:
         node = ray.get_runtime_context().get_node_id()[:12]
         result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
-                           worker=f"{node}/{os.getpid()}")
+                           worker=f"{node}/{os.getpid()}", write=write)
         return result.__dict__
 
 

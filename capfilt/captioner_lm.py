@@ -1,0 +1,69 @@
+"""The captioner for BLIP-2 and InstructBLIP checkpoints: a frozen language model reading the
+Q-Former's query outputs, through transformers' own ``generate``.
+
+Each caption is one ``generate`` call seeded from (round seed, image key, caption index), as
+BLIP's captioner seeds its rows: a shard run again, in any batch, gives the same captions. That
+is reproducible but not fast (one sequence per call); BLIP's own captioner batches its sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import InstructBlipForConditionalGeneration
+
+from capfilt.captioner import SamplingConfig
+from capfilt.models import LoadedModel
+from capfilt.seeding import caption_seed
+
+
+class LanguageModelCaptioner:
+    """Pixel values of a batch of images -> ``num_captions`` captions per image."""
+
+    def __init__(self, loaded: LoadedModel, sampling: SamplingConfig, seed: int):
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.sampling = sampling
+        self.seed = seed
+        config = self.model.config
+        tokenizer = self.processor.tokenizer
+        # The prompt after the image's query tokens: BLIP-2 places them before everything.
+        prompt = tokenizer(sampling.prompt.strip(), add_special_tokens=False).input_ids
+        bos = config.text_config.bos_token_id
+        lead = [bos] if bos is not None and not config.text_config.is_encoder_decoder else []
+        ids = [config.image_token_index] * config.num_query_tokens + lead + prompt
+        self.input_ids = torch.tensor([ids], device=self.device)
+        self.instruct = isinstance(self.model, InstructBlipForConditionalGeneration)
+        if self.instruct:
+            qformer = self.processor.qformer_tokenizer(sampling.prompt.strip(), return_tensors="pt")
+            self.qformer_inputs = {"qformer_input_ids": qformer.input_ids.to(self.device),
+                                   "qformer_attention_mask": qformer.attention_mask.to(self.device)}
+        else:
+            self.qformer_inputs = {}
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        pixels = pixel_values.to(self.device, self.dtype)
+        return [[self._one(pixels[i : i + 1], key, n) for n in range(self.sampling.num_captions)]
+                for i, key in enumerate(keys)]
+
+    def _one(self, pixels: torch.Tensor, key: str, index: int) -> str:
+        cfg = self.sampling
+        options = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+                   "repetition_penalty": cfg.repetition_penalty}
+        if cfg.method == "beam":
+            options.update(num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
+                           do_sample=False)
+        else:
+            options.update(do_sample=True, top_p=cfg.top_p, top_k=cfg.top_k or 0)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(caption_seed(self.seed, key, index))
+            out = self.model.generate(pixel_values=pixels, input_ids=self.input_ids,
+                                      attention_mask=torch.ones_like(self.input_ids),
+                                      **self.qformer_inputs, **options)
+        row = out[index if cfg.method == "beam" else 0]
+        if not self.model.config.text_config.is_encoder_decoder:
+            row = row[self.input_ids.shape[1] :]  # decoder-only output repeats the prompt
+        return self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
