@@ -50,8 +50,14 @@ SAMPLING = SamplingConfig(num_captions=1, max_new_tokens=16, min_new_tokens=16) 
 
 
 def small_models(folder: Path) -> dict[str, str]:
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
-                              BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor)
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     words = tiny_vocabulary()[:-2]
     vocab = words + [f"[unused{i}]" for i in range(30522 - len(words))] + ["[DEC]", "[ENC]"]

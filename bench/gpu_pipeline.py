@@ -1,0 +1,316 @@
+"""GPU benchmark of the CapFilt step: full-size BLIP-base and BLIP-large, random weights, bf16.
+
+The work does not depend on the weights once the caption length is forced (20 new tokens), so
+random models measure what Salesforce's checkpoints would cost. For each model size and recipe:
+  - paper: 1 nucleus caption, ITM + ITC on the web and the synthetic caption (2 texts/image);
+  - blip2: 10 captions, 11 texts scored per image;
+it reports images/s of ``CapFiltStage.compute`` on already-decoded pixels (the bare model work)
+and of ``run_shard`` on a parquet shard of JPEGs (the pipeline), their ratio, FLOPs per image
+counted by torch's flop counter on one real batch, the achieved TFLOP/s against the card's bf16
+dense peak, and peak GPU memory. Warm-up batches are not timed.
+
+    bash bench/gpu.sh                          # on an H100 or H200, under 8 minutes
+    python bench/gpu_pipeline.py --smoke       # tiny models on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from capfilt.captioner import SamplingConfig  # noqa: E402
+from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.selection import Policy  # noqa: E402
+from capfilt.shard_reader import read_shard  # noqa: E402
+from capfilt.shard_runner import run_shard  # noqa: E402
+from capfilt.stage import CapFiltStage, StageConfig  # noqa: E402
+from capfilt.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
+
+NEW_TOKENS = 20  # min = max: every caption costs the same, whatever the weights
+RECIPES = {
+    "paper": (SamplingConfig(num_captions=1, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
+              Policy()),
+    "blip2": (SamplingConfig(num_captions=10, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
+              Policy(mode="topk", top_k=2, rank_by="itc")),
+}
+# bf16 dense tensor-core peaks (NVIDIA data sheets), most specific name first.
+PEAK_TFLOPS = (("H100 PCIE", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 836.0), ("H100", 989.0),
+               ("H200", 989.0))
+TARGET_IMAGES_PER_S = 1000.0  # issue 6: paper recipe, BLIP-base, per H100
+IMAGE_SIDE = 384
+
+
+def blip_vocabulary() -> list[str]:
+    """BERT's 30,522 ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103), then [DEC], [ENC].
+
+    Fillers are plain words ("w123"), so a sampled caption tokenizes back to as many tokens as
+    it was sampled with: the ITM texts are as long as real 20-token captions.
+    """
+    vocab = [f"w{i}" for i in range(30522)]
+    for index, token in ((0, "[PAD]"), (100, "[UNK]"), (101, "[CLS]"), (102, "[SEP]"), (103, "[MASK]")):
+        vocab[index] = token
+    words = [w for w in tiny_vocabulary()[:-2] if not w.startswith("[")]  # words, letters, ##pieces
+    vocab[1000 : 1000 + len(words)] = words
+    return vocab + ["[DEC]", "[ENC]"]
+
+
+def full_config(size: str) -> transformers.BlipConfig:
+    """Salesforce's BLIP-base (ViT-B/16) or BLIP-large (ViT-L/16), 384 px, BERT-base text side."""
+    vision = dict(initializer_range=0.02)  # the 1e-10 default embeds every image alike
+    if size == "large":
+        vision.update(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                      intermediate_size=4096)
+    text = dict(num_attention_heads=12, encoder_hidden_size=vision.get("hidden_size", 768),
+                sep_token_id=102, eos_token_id=102, pad_token_id=0, bos_token_id=30522)
+    return transformers.BlipConfig(vision_config=vision, text_config=text,
+                                   projection_dim=256, image_text_hidden_size=256)
+
+
+def write_models(folder: Path, size: str, smoke: bool, device: str) -> dict[str, str]:
+    """Random captioner and filter saved as checkpoints, so they load through ``load_model``."""
+    if smoke:
+        processor = tiny_processor(32)
+        config = tiny_config(len(processor.tokenizer), layers=2 if size == "base" else 3)
+    else:
+        (folder / "vocab").mkdir(parents=True, exist_ok=True)
+        (folder / "vocab" / "vocab.txt").write_text("\n".join(blip_vocabulary()) + "\n")
+        tokenizer = transformers.BertTokenizer.from_pretrained(folder / "vocab")
+        image_processor = transformers.BlipImageProcessor(size={"height": IMAGE_SIDE,
+                                                                "width": IMAGE_SIDE})
+        processor = transformers.BlipProcessor(image_processor, tokenizer)
+        config = full_config(size)
+    paths = {}
+    for role, cls in (("captioner", transformers.BlipForConditionalGeneration),
+                      ("filter", transformers.BlipForImageTextRetrieval)):
+        torch.manual_seed(0)
+        with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU
+            model = cls(config)
+        if not smoke:
+            model = model.to(torch.bfloat16)  # half the bytes to write and read
+        model.save_pretrained(folder / role)
+        processor.save_pretrained(folder / role)
+        paths[role] = str(folder / role)
+        del model
+    return paths
+
+
+def photo(seed: int) -> bytes:
+    """A 384x384 photo-like JPEG (gradients and grain), so decoding costs what real ones do."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE] / IMAGE_SIDE
+    base = np.stack([x, y, x * y], -1) * rng.uniform(80, 250, 3)
+    pixels = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, rows: int) -> str:
+    """One img2dataset parquet shard: every row a good image with a 6 to 18 word web caption."""
+    rng = np.random.default_rng(0)
+    images = [photo(i) for i in range(min(rows, 32))]  # a pool: every row still decodes
+    records = [{"key": f"{i:09d}", "url": f"http://images.example/{i}.jpg",
+                "caption": " ".join(rng.choice(WORDS, rng.integers(6, 19))),
+                "jpg": images[i % len(images)], "status": "success", "error_message": None,
+                "width": IMAGE_SIDE, "height": IMAGE_SIDE, "original_width": IMAGE_SIDE,
+                "original_height": IMAGE_SIDE, "exif": None, "sha256": None}
+               for i in range(rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=IMG2DATASET_SCHEMA), path)
+    return str(path)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(size: str, recipe: str, models: dict[str, str], shard: str,
+            args: argparse.Namespace) -> dict:
+    """One (model size, recipe): bare images/s, pipeline images/s, FLOPs/image, peak memory."""
+    sampling, policy = RECIPES[recipe]
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    stage = CapFiltStage.from_config(StageConfig(
+        captioner=models["captioner"], filter=models["filter"], sampling=sampling, policy=policy,
+        device=args.device, dtype=args.dtype, decode_threads=args.decode_threads))
+    weights = torch.cuda.memory_allocated() if cuda else None
+    prepared = stage.prepare(read_shard(shard).table.slice(0, args.batch))  # decoded, untimed
+    images = len(prepared.good)
+
+    for _ in range(args.warmup):
+        stage.compute(prepared)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(args.batches):
+        stage.compute(prepared)  # ends in .tolist(): the GPU work is done when it returns
+    synchronize()
+    bare_s = time.perf_counter() - started
+
+    with tempfile.TemporaryDirectory() as round_dir:
+        started = time.perf_counter()
+        result = run_shard(stage, 0, shard, round_dir, args.batch)
+        synchronize()
+        pipeline_s = time.perf_counter() - started
+
+    with FlopCounterMode(display=False) as counter:
+        stage.compute(prepared)
+    flops = counter.get_total_flops() / images
+    by_module = {name: sum(ops.values()) / images / 1e9  # top-level modules: where the work goes
+                 for name, ops in counter.get_flop_counts().items() if "." not in name}
+    by_module.pop("Global", None)
+
+    figures = {
+        "model": size, "recipe": recipe, "texts_per_image": 1 + sampling.num_captions,
+        "batch_size": args.batch, "batch_after_oom_backoff": stage.max_rows,
+        "timed_batches": args.batches, "warmup_batches": args.warmup,
+        "gflops_per_image": flops / 1e9, "gflops_per_image_by_module": by_module,
+        "bare_images_per_s": images * args.batches / bare_s,
+        "pipeline_images": result.rows_out, "pipeline_rejected": result.rows_rejected,
+        "pipeline_images_per_s": result.rows_out / pipeline_s,
+        "weights_gib": weights / 2**30 if cuda else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+    }
+    figures["pipeline_efficiency"] = figures["pipeline_images_per_s"] / figures["bare_images_per_s"]
+    for kind in ("bare", "pipeline"):
+        tflops = figures[f"{kind}_images_per_s"] * flops / 1e12
+        figures[f"{kind}_tflops"] = tflops
+        figures[f"{kind}_fraction_of_peak"] = tflops / args.peak_tflops if args.peak_tflops else None
+    del stage, prepared
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return figures
+
+
+def card_peak(name: str) -> float | None:
+    upper = name.upper()
+    return next((peak for key, peak in PEAK_TFLOPS if key in upper), None)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':6} {'recipe':6} {'texts':>5} {'GFLOP/img':>9} {'bare img/s':>10} "
+          f"{'pipe img/s':>10} {'effic.':>6} {'bare TF/s':>9} {'pipe TF/s':>9} {'% peak':>6} "
+          f"{'peak GiB':>8}")
+    for r in rows:
+        share = r["pipeline_fraction_of_peak"]
+        print(f"{r['model']:6} {r['recipe']:6} {r['texts_per_image']:5d} "
+              f"{r['gflops_per_image']:9.1f} {r['bare_images_per_s']:10.1f} "
+              f"{r['pipeline_images_per_s']:10.1f} {r['pipeline_efficiency']:6.2f} "
+              f"{r['bare_tflops']:9.1f} {r['pipeline_tflops']:9.1f} "
+              f"{fmt(share and 100 * share, '6.1f'):>6} {fmt(r['peak_memory_gib'], '8.1f'):>8}")
+
+
+def verdict(rows: list[dict]) -> dict | None:
+    """Issue 6's target, on the pipeline figure (what a user gets), BLIP-base paper recipe."""
+    row = next((r for r in rows if (r["model"], r["recipe"]) == ("base", "paper")), None)
+    if row is None:
+        return None
+    got = row["pipeline_images_per_s"]
+    return {"target_images_per_s": TARGET_IMAGES_PER_S, "pipeline_images_per_s": got,
+            "bare_images_per_s": row["bare_images_per_s"], "met": got >= TARGET_IMAGES_PER_S}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, seconds")
+    parser.add_argument("--sizes", nargs="+", default=["base", "large"], choices=["base", "large"])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--batch", type=int, default=64, help="images per batch")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches per configuration")
+    parser.add_argument("--batches", type=int, default=5, help="timed bare batches per configuration")
+    parser.add_argument("--shard-batches", type=int, default=16,
+                        help="the pipeline's shard holds this many batches of images")
+    parser.add_argument("--decode-threads", type=int, default=os.cpu_count() or 2,
+                        help="JPEG decode threads (a Ray worker on a GPU node gets cores per GPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the card's bf16 dense peak; default from the device name")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/gpu-<card>.json)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+
+    if args.smoke:
+        args.device, args.dtype, args.decode_threads = "cpu", "float32", 2
+        args.batch, args.warmup, args.batches, args.shard_batches = 4, 1, 2, 2
+        torch.set_num_threads(1)  # tiny ops: OpenMP hand-offs on shared cores cost 50x the math
+        card = "cpu-smoke"
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run on a GPU, or use --smoke")
+        args.device, args.dtype = "cuda", "bfloat16"
+        card = torch.cuda.get_device_name()
+        args.peak_tflops = args.peak_tflops or card_peak(card)
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    out = Path(args.out) if args.out else (
+        Path(tempfile.gettempdir()) / "gpu-cpu-smoke.json" if args.smoke
+        else ROOT / "bench" / "results" / f"gpu-{slug}.json")
+    figures = {
+        "card": card, "peak_bf16_dense_tflops": args.peak_tflops,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
+        "new_tokens_per_caption": NEW_TOKENS, "image_side": IMAGE_SIDE,
+        "decode_threads": args.decode_threads, "cpu_cores": os.cpu_count(),
+        "configurations": [],
+    }
+    print(f"{card}: peak {fmt(args.peak_tflops, '.0f')} TFLOP/s bf16 dense; batch {args.batch}, "
+          f"{args.warmup} warm-up + {args.batches} timed batches, shard of "
+          f"{args.shard_batches} batches; JSON -> {out}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="capfilt-gpu-bench-"))
+    shard = write_shard(work / "shards" / "00000.parquet", args.batch * args.shard_batches)
+    for size in args.sizes:
+        models = write_models(work / size, size, args.smoke, args.device)
+        print(f"[{time.perf_counter() - start:5.0f} s] {size}: random models written", flush=True)
+        for recipe in args.recipes:
+            print(f"[{time.perf_counter() - start:5.0f} s] {size} {recipe}: measuring", flush=True)
+            row = measure(size, recipe, models, shard, args)
+            figures["configurations"].append(row)
+            figures["target"] = verdict(figures["configurations"])
+            figures["seconds"] = time.perf_counter() - start
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(figures, indent=2) + "\n")  # kept if a later one times out
+            print(f"[{time.perf_counter() - start:5.0f} s] {size} {recipe}: "
+                  f"bare {row['bare_images_per_s']:.1f} img/s, pipeline "
+                  f"{row['pipeline_images_per_s']:.1f} img/s, "
+                  f"{row['gflops_per_image']:.4g} GFLOP/img", flush=True)
+
+    print()
+    print_table(figures["configurations"])
+    target = figures.get("target")
+    if args.smoke:
+        print("\nsmoke run: tiny models on the CPU check the script; these figures measure nothing")
+    elif target:
+        state = "MET" if target["met"] else "NOT MET"
+        print(f"\ntarget (issue 6): {TARGET_IMAGES_PER_S:.0f} images/s per H100, paper recipe, "
+              f"BLIP-base: {state} on {card} (pipeline {target['pipeline_images_per_s']:.1f}, "
+              f"bare {target['bare_images_per_s']:.1f} images/s)")
+    print(f"total {time.perf_counter() - start:.0f} s; figures in {out}")
+
+
+if __name__ == "__main__":
+    main()
