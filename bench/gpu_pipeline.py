@@ -281,23 +281,24 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.batches} timed batches, shard of "
           f"{args.shard_batches} batches; JSON -> {out}", flush=True)
 
-    work = Path(tempfile.mkdtemp(prefix="capfilt-gpu-bench-"))
-    shard = write_shard(work / "shards" / "00000.parquet", args.batch * args.shard_batches)
-    for size in args.sizes:
-        models = write_models(work / size, size, args.smoke, args.device)
-        print(f"[{time.perf_counter() - start:5.0f} s] {size}: random models written", flush=True)
-        for recipe in args.recipes:
-            print(f"[{time.perf_counter() - start:5.0f} s] {size} {recipe}: measuring", flush=True)
-            row = measure(size, recipe, models, shard, args)
-            figures["configurations"].append(row)
-            figures["target"] = verdict(figures["configurations"])
-            figures["seconds"] = time.perf_counter() - start
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(figures, indent=2) + "\n")  # kept if a later one times out
-            print(f"[{time.perf_counter() - start:5.0f} s] {size} {recipe}: "
-                  f"bare {row['bare_images_per_s']:.1f} img/s, pipeline "
-                  f"{row['pipeline_images_per_s']:.1f} img/s, "
-                  f"{row['gflops_per_image']:.4g} GFLOP/img", flush=True)
+    with tempfile.TemporaryDirectory(prefix="capfilt-gpu-bench-") as folder:
+        work = Path(folder)  # models (GBs) and the shard, removed at the end
+        shard = write_shard(work / "shards" / "00000.parquet", args.batch * args.shard_batches)
+        for size in args.sizes:
+            models = write_models(work / size, size, args.smoke, args.device)
+            print(f"[{time.perf_counter() - start:5.0f} s] {size}: random models written", flush=True)
+            for recipe in args.recipes:
+                print(f"[{time.perf_counter() - start:5.0f} s] {size} {recipe}: measuring", flush=True)
+                row = measure(size, recipe, models, shard, args)
+                figures["configurations"].append(row)
+                figures["target"] = verdict(figures["configurations"])
+                figures["seconds"] = time.perf_counter() - start
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(figures, indent=2) + "\n")  # kept if a later one times out
+                print(f"[{time.perf_counter() - start:5.0f} s] {size} {recipe}: "
+                      f"bare {row['bare_images_per_s']:.1f} img/s, pipeline "
+                      f"{row['pipeline_images_per_s']:.1f} img/s, "
+                      f"{row['gflops_per_image']:.4g} GFLOP/img", flush=True)
 
     print()
     print_table(figures["configurations"])
