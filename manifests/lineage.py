@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import fsspec
 
 from manifests.round import RoundManifest
-from manifests.store import MANIFEST_NAME, ManifestError, read_manifest
+from manifests.job import JOB_KINDS
+from manifests.store import MANIFEST_NAME, ManifestError, read_json, read_manifest
 
 
 @dataclass
@@ -34,8 +35,10 @@ def find_rounds(root: str, depth: int = 3) -> tuple[list[FoundRound], list[str]]
         # Shown as the user named the root: "rounds/round-0001", not an absolute path.
         url = root.rstrip("/") + folder[len(path):] if folder.startswith(path) else folder
         try:
+            if read_json(f"{url}/{MANIFEST_NAME}").get("kind") in JOB_KINDS:
+                continue  # a training, eval or bootstrap job of the same tree, not a round
             found.append(FoundRound(url, read_manifest(url)))
-        except (ManifestError, KeyError, TypeError) as exc:
+        except (ManifestError, KeyError, TypeError, ValueError, OSError) as exc:
             problems.append(f"{url}: {exc}")
     found.sort(key=lambda r: (r.manifest.round, r.folder))
     return found, problems
