@@ -94,18 +94,22 @@ def tiny_processor(image_size: int = 32, words: list[str] | None = None) -> Blip
 
 def write_tiny_models(folder: str | Path, seed: int = 0, image_size: int = 32) -> dict[str, Path]:
     """Write ``folder/captioner`` and ``folder/filter``; return their paths."""
-    folder = Path(folder)
     processor = tiny_processor(image_size)
     config = tiny_config(len(processor.tokenizer), image_size=image_size)
+    return save_random_models(folder, config, processor, seed)
+
+
+def save_random_models(folder: str | Path, config: BlipConfig, processor: BlipProcessor,
+                       seed: int = 0) -> dict[str, Path]:
+    """A randomly initialised captioner and filter of ``config``, saved with ``processor``."""
     paths = {}
     for role, model_class in (
         ("captioner", BlipForConditionalGeneration),
         ("filter", BlipForImageTextRetrieval),
     ):
         torch.manual_seed(seed)
-        model = model_class(config).eval()
-        path = folder / role
-        model.save_pretrained(path)
+        path = Path(folder) / role
+        model_class(config).eval().save_pretrained(path)
         processor.save_pretrained(path)
         paths[role] = path
     return paths

@@ -25,7 +25,7 @@ from transformers import (
 
 from capfilt.bleu import corpus_bleu
 from capfilt.sample_shards import COLOURS, IMG2DATASET_SCHEMA
-from capfilt.tiny import tiny_config, tiny_processor
+from capfilt.tiny import save_random_models, tiny_config, tiny_processor
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.checkpoints import list_checkpoints, load_checkpoint
 from capfilt.train.loop import TrainConfig
@@ -69,10 +69,8 @@ def blank(tmp_path_factory) -> Path:
     """A config + processor folder to start from (weights there are not read)."""
     folder = tmp_path_factory.mktemp("blank")
     processor = tiny_processor(32)
-    config = tiny_config(len(processor.tokenizer), hidden=32, init_std=32 ** -0.5)
-    for role, cls in (("filter", BlipForImageTextRetrieval), ("captioner", BlipForConditionalGeneration)):
-        cls(config).save_pretrained(folder / role)
-        processor.save_pretrained(folder / role)
+    save_random_models(folder, tiny_config(len(processor.tokenizer), hidden=32,
+                                           init_std=32 ** -0.5), processor)
     return folder
 
 

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
-
-from capfilt.tiny import tiny_config, tiny_processor
+from capfilt.tiny import save_random_models, tiny_config, tiny_processor, tiny_vocabulary
 from capfilt.world.vocab import vocabulary
 
 
 def write_world_models(folder: str | Path, image_size: int = 64, hidden: int = 128,
                        layers: int = 3, patch: int = 8, seed: int = 0) -> dict[str, Path]:
     """``folder/captioner`` and ``folder/filter``: random BLIP models for the world."""
-    import torch
-
     processor = tiny_processor(image_size, words=vocabulary())
-    vocab = list(processor.tokenizer.get_vocab())
-    vocab.sort(key=processor.tokenizer.get_vocab().get)
     config = tiny_config(len(processor.tokenizer), image_size=image_size, hidden=hidden,
                          layers=layers, heads=max(2, hidden // 64), patch=patch, mlp_ratio=4,
-                         vocab=vocab, init_std=hidden ** -0.5)
-    paths = {}
-    for role, model_class in (("captioner", BlipForConditionalGeneration),
-                              ("filter", BlipForImageTextRetrieval)):
-        torch.manual_seed(seed)
-        path = Path(folder) / role
-        model_class(config).save_pretrained(path)
-        processor.save_pretrained(path)
-        paths[role] = path
-    return paths
+                         vocab=tiny_vocabulary(vocabulary()), init_std=hidden ** -0.5)
+    return save_random_models(folder, config, processor, seed)
