@@ -45,8 +45,13 @@ def dispatch(
     workers: int | None,
     on_result: Callable[[ShardResult], None],
     write: tuple[str, ...] = (),
+    on_worker: Callable[[int, str], None] = lambda label, state: None,
 ) -> list[ShardResult]:
-    """Run every shard in ``todo`` on worker actors and return their results."""
+    """Run every shard in ``todo`` on worker actors and return their results.
+
+    ``on_result`` hears of each finished shard once the freed worker has its next one, so a
+    progress line drawn then shows what every worker is doing; ``on_worker(label, state)``
+    hears each worker's state change (loading, shard NNNNN, idle, restarting)."""
     if not todo:
         return []
     resources = ray.cluster_resources()
@@ -65,42 +70,55 @@ def dispatch(
         decode_threads = config.decode_threads
     config = replace(config, device=device, decode_threads=decode_threads)
     pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)
+    for label in range(count):
+        on_worker(label, "loading")
     wait_until_ready(pool)
 
-    def fresh_worker():
+    def fresh_worker(label: int):
+        on_worker(label, "restarting")
         return start_workers(config, 1, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)[0]
 
     queue = deque((index, path, 1) for index, path in todo)
-    idle = deque(pool)
+    idle = deque(enumerate(pool))
     running: dict = {}
     results: list[ShardResult] = []
+    unreported: list[ShardResult] = []
     while queue or running:
         while queue and idle:
-            actor = idle.popleft()
+            label, actor = idle.popleft()
             index, path, attempt = queue.popleft()
             ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt,
                                        write)
-            running[ref] = (actor, index, path, attempt)
+            running[ref] = (label, actor, index, path, attempt)
+            on_worker(label, f"shard {index:05d}")
+        for label, _ in idle:
+            on_worker(label, "idle")
+        for result in unreported:
+            on_result(result)
+        unreported.clear()
         ready, _ = ray.wait(list(running), num_returns=1)
         ref = ready[0]
-        actor, index, path, attempt = running.pop(ref)
+        label, actor, index, path, attempt = running.pop(ref)
         try:
             result = ShardResult.from_dict(ray.get(ref))
-            idle.append(actor)
+            idle.append((label, actor))
         except RayActorError as exc:
-            log.warning("worker died on shard %05d (attempt %d): %s", index, attempt, exc)
-            idle.append(fresh_worker())
+            log.warning("worker %d died on shard %05d (attempt %d): %s", label, index, attempt,
+                        exc)
+            idle.append((label, fresh_worker(label)))
             if attempt < MAX_ATTEMPTS:
                 queue.append((index, path, attempt + 1))
                 continue
             result = _failed(index, path, attempt, f"worker died {attempt} times: {exc}")
         except RayTaskError as exc:
             log.error("shard %05d raised: %s", index, exc)
-            idle.append(actor)
+            idle.append((label, actor))
             result = _failed(index, path, attempt, f"{type(exc.cause).__name__}: {exc.cause}")
         results.append(result)
+        unreported.append(result)
+    for result in unreported:
         on_result(result)
-    for actor in idle:
+    for _, actor in idle:
         ray.kill(actor)
     return results
 

@@ -58,7 +58,7 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
         for result in dispatch(
             options.stage, plan.todo, options.output, options.batch_size, options.reader,
             options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
-            options.write,
+            options.write, progress.worker,
         ):
             results[result.index] = result
     else:

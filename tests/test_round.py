@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def test_the_round_keeps_its_log_and_report(first_round):
     log = (out / "capfilt.log").read_text()
     assert "round 1: 4 shards, 0 already done, 4 to run" in log
     assert "shards 4/4 done" in log and "manifest written: status complete" in log
+    # a line before the last names what the worker is doing as that shard finished
+    assert re.search(r"shards 1/4 done .* \| w0 (shard 000\d\d \d+s|idle)", log)
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 

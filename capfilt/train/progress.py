@@ -18,20 +18,20 @@ class TrainProgress:
         self.steps = steps
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.started = time.perf_counter()
-        self.first_step: int | None = None
+        # Time left is measured from the first logged step on: before it lie model and data
+        # loading (or a resume), which say nothing of the speed of a step.
+        self.first: tuple[int, float] | None = None
 
     def __call__(self, record: dict) -> None:
-        step = record["step"]
-        if self.first_step is None:
-            self.first_step = step - 1
-        elapsed = time.perf_counter() - self.started
-        rate = (step - self.first_step) / max(elapsed, 1e-9)
+        step, now = record["step"], time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)
         losses = " ".join(f"{k} {v:.3f}" for k, v in record.items()
                           if k not in ("step", "lr", "images_per_s"))
         line = (f"{self.name} step {step}/{self.steps} | {losses} | lr {record['lr']:.2e} | "
                 f"{record['images_per_s']:.1f} images/s")
-        if step < self.steps:
+        if step < self.steps and rate > 0:
             line += f" | about {(self.steps - step) / rate:.0f}s left"
         log.info("%s", line)
         if self.tty:
