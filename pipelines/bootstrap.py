@@ -41,24 +41,34 @@ TABLE_ROWS = (
 )
 
 
-def train_model(cfg: BootstrapConfig, folder: Path, data: list[str]) -> dict[str, str]:
-    """Pre-train from ``cfg.init`` on ``data``, fine-tune captioner and filter on the clean set,
-    evaluate on the test set. Returns the paths of the two fine-tuned models and the eval."""
+def train_model(cfg: BootstrapConfig, folder: Path, data: list[str],
+                feeds_a_round: bool) -> dict[str, str]:
+    """Pre-train from ``cfg.init`` on ``data``, fine-tune captioner and filter on the clean set
+    (skipped when no round needs them and the table evaluates pre-trained models), evaluate on
+    the test set. Returns the captioner and filter a round would use and the evaluated ones."""
     _train(cfg.pretrain, "pretrain", cfg.init, data, folder / "pretrain", cfg.vision_init)
-    _train(cfg.finetune_captioner, "captioner", str(folder / "pretrain"), list(cfg.clean),
-           folder / "captioner")
-    _train(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
-           folder / "filter")
-    models = {"captioner": str(folder / "captioner" / "captioner"),
-              "filter": str(folder / "filter" / "filter")}
+    pretrained = {"captioner": str(folder / "pretrain" / "captioner"),
+                  "filter": str(folder / "pretrain" / "filter")}
+    zero_shot = cfg.eval.models == "pretrained"
+    models = dict(pretrained)
+    if feeds_a_round or not zero_shot:
+        _train(cfg.finetune_captioner, "captioner", str(folder / "pretrain"), list(cfg.clean),
+               folder / "captioner")
+        _train(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
+               folder / "filter")
+        models = {"captioner": str(folder / "captioner" / "captioner"),
+                  "filter": str(folder / "filter" / "filter")}
+    evaluated = pretrained if zero_shot else models
+    models |= {f"evaluated_{role}": path for role, path in evaluated.items()}
     if cfg.test:
         models["eval"] = str(folder / "eval.json")
         if not (folder / "eval.json").exists():
             e = cfg.eval
-            run_eval(EvalJob(data=cfg.test, filter=models["filter"], captioner=models["captioner"],
-                             output=models["eval"], k=e.k, num_beams=e.num_beams,
-                             max_new_tokens=e.max_new_tokens, limit=e.limit, judge=e.judge,
-                             device=cfg.finetune_filter.device))
+            run_eval(EvalJob(data=cfg.test, filter=evaluated["filter"],
+                             captioner=evaluated["captioner"], output=models["eval"], k=e.k,
+                             num_beams=e.num_beams, max_new_tokens=e.max_new_tokens,
+                             limit=e.limit, judge=e.judge, device=cfg.finetune_filter.device,
+                             prompt="" if zero_shot else EvalJob.prompt))
     return models
 
 
@@ -106,14 +116,15 @@ def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:
         return result
 
     models = {0: timed("round-0 model", lambda: train_model(
-        cfg, root / "round-0", [*cfg.web, *cfg.clean]))}
+        cfg, root / "round-0", [*cfg.web, *cfg.clean], feeds_a_round=cfg.rounds > 0))}
     rounds: dict[int, str] = {}
     for number in range(1, cfg.rounds + 1):
         parent = rounds.get(number - 1)
         rounds[number] = timed(f"round-{number} capfilt", lambda: capfilt_round(
             cfg, number, models[number - 1], root / f"round-{number}" / "capfilt", parent))
         models[number] = timed(f"round-{number} model", lambda: train_model(
-            cfg, root / f"round-{number}", [f"{rounds[number]}@kept", *cfg.clean]))
+            cfg, root / f"round-{number}", [f"{rounds[number]}@kept", *cfg.clean],
+            feeds_a_round=number < cfg.rounds))
     table = []
     if cfg.ablation:
         for label, view in TABLE_ROWS:
@@ -123,7 +134,8 @@ def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:
                 row_models = models[1]
             else:
                 row_models = timed(f"ablation {view}", lambda: train_model(
-                    cfg, root / "ablation" / view, [f"{rounds[1]}@{view}", *cfg.clean]))
+                    cfg, root / "ablation" / view, [f"{rounds[1]}@{view}", *cfg.clean],
+                    feeds_a_round=False))
             table.append(table_row(label, view, row_models))
     else:
         table = [table_row(f"round {n}", None, models[n]) for n in sorted(models)]
@@ -146,8 +158,8 @@ def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:
 
 
 def table_row(label: str, view: str | None, models: dict[str, str]) -> dict:
-    row = {"row": label, "data": view or "web", "captioner": models["captioner"],
-           "filter": models["filter"]}
+    row = {"row": label, "data": view or "web", "captioner": models["evaluated_captioner"],
+           "filter": models["evaluated_filter"]}
     if "eval" in models:
         row.update(read_json(models["eval"])["results"]["metrics"])
     return row

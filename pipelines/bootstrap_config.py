@@ -10,7 +10,7 @@ Top-level keys name the data and where models start; one table per step sets tha
     [finetune_filter]
     [round]               num_captions, threshold, policy, top_k, rank_by, batch_size, workers,
                           max_new_tokens, top_p
-    [eval]                k, num_beams, max_new_tokens, limit, judge
+    [eval]                k, num_beams, max_new_tokens, limit, judge, models
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ class EvalSettings:
     max_new_tokens: int = 20
     limit: int | None = None
     judge: str | None = None
+    # "finetuned": each row's captioner and filter fine-tuned on the clean set, then evaluated
+    # (BLIP Table 1's FT columns); "pretrained": the pre-trained models themselves (its ZS
+    # columns), captions written with no prompt as pre-training's LM saw them. Models only a
+    # table row needs are then not fine-tuned at all.
+    models: str = "finetuned"
+
+    def __post_init__(self):
+        if self.models not in ("finetuned", "pretrained"):
+            raise BootstrapConfigError(
+                f"[eval] models = {self.models!r}: use 'finetuned' or 'pretrained'")
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,18 @@ from capfilt.world.models import write_world_models
 # Settings measured on a 2-core laptop; see bench/README.md for what they gave.
 PROFILES = {
     "full": {
-        "world": {"n_clean": 1000, "n_web": 3000, "n_test": 500, "rows_per_shard": 500,
-                  "two_object_fraction": 0.2},
-        "model": {"hidden": 96, "layers": 2, "patch": 16},
-        "pretrain": {"steps": 400, "lr": 1e-3, "warmup_steps": 20},
-        "finetune_captioner": {"steps": 300, "lr": 1e-3, "warmup_steps": 10},
+        "world": {"n_clean": 2000, "n_web": 3000, "n_test": 500, "rows_per_shard": 500,
+                  "two_object_fraction": 0.1, "image_size": 96},
+        "model": {"hidden": 96, "layers": 2, "patch": 32, "image_size": 96},
+        "pretrain": {"steps": 300, "lr": 1e-3, "warmup_steps": 20},
+        "finetune_captioner": {"steps": 400, "lr": 1e-3, "warmup_steps": 10},
         "finetune_filter": {"steps": 150, "lr": 5e-4, "warmup_steps": 10},
         "batch_size": 64,
     },
     "quick": {
-        "world": {"n_clean": 64, "n_web": 192, "n_test": 32, "rows_per_shard": 64},
-        "model": {"hidden": 32, "layers": 1, "patch": 16},
+        "world": {"n_clean": 64, "n_web": 192, "n_test": 32, "rows_per_shard": 64,
+                  "image_size": 96},
+        "model": {"hidden": 32, "layers": 1, "patch": 32, "image_size": 96},
         "pretrain": {"steps": 20, "lr": 3e-3, "warmup_steps": 2},
         "finetune_captioner": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
         "finetune_filter": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
@@ -84,6 +85,7 @@ batch_size = {batch}
 workers = 1
 
 [eval]
+models = "pretrained"
 k = 16
 num_beams = 1
 max_new_tokens = 24

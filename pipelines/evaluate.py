@@ -28,6 +28,7 @@ class EvalJob:
     limit: int | None = None
     judge: str | None = None
     device: str = "cpu"
+    prompt: str = "a picture of "  # "" for a pre-trained model: its LM saw no prompt
 
 
 def make_judge(spec: str | None) -> Callable[[str, str], bool] | None:
@@ -57,7 +58,7 @@ def run_eval(job: EvalJob) -> JobManifest:
         loaded = load_model(job.captioner, "captioner", job.device)
         sampling = SamplingConfig(method="beam", num_beams=job.num_beams,
                                   max_new_tokens=job.max_new_tokens, min_new_tokens=1,
-                                  repetition_penalty=1.0)
+                                  repetition_penalty=1.0, prompt=job.prompt)
         caption_metrics, captions = caption_quality(loaded, data, sampling, make_judge(job.judge))
         metrics.update(caption_metrics)
         samples = [{"key": k, "caption": c, "references": r}

@@ -83,6 +83,8 @@ def add_training_commands(commands) -> None:
     evaluate.add_argument("--num-beams", type=int, default=3)
     evaluate.add_argument("--max-new-tokens", type=int, default=20)
     evaluate.add_argument("--limit", type=int, default=None, help="first N test images only")
+    evaluate.add_argument("--prompt", default="a picture of ",
+                          help="caption prompt (default BLIP's); '' for a pre-trained model")
     evaluate.add_argument("--judge", default=None,
                           help="world:TRUTH_DIR: caption accuracy against the demo world's truth")
 
@@ -129,7 +131,7 @@ def command_eval(args) -> int:
     manifest = run_eval(EvalJob(filter=args.filter, captioner=args.captioner,
                                 data=tuple(args.data), output=args.output, k=args.k,
                                 num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                limit=args.limit, judge=args.judge))
+                                limit=args.limit, judge=args.judge, prompt=args.prompt))
     json.dump(manifest.results["metrics"], sys.stdout, indent=2)
     print()
     return 0

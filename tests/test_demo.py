@@ -17,8 +17,7 @@ from pipelines.bootstrap_config import BootstrapConfigError, load_bootstrap_conf
 
 STEP_MANIFESTS = [
     "round-0/pretrain", "round-0/captioner", "round-0/filter", "round-1/capfilt",
-    "round-1/pretrain", "round-1/captioner", "round-1/filter",
-    "ablation/kept_web/pretrain", "ablation/web_and_synthetic/pretrain",
+    "round-1/pretrain", "ablation/kept_web/pretrain", "ablation/web_and_synthetic/pretrain",
 ]
 
 
@@ -55,6 +54,16 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(tmp_path):
     assert {m["source"] for m in capfilt_round["models"]} == {
         str(out / "round-0/captioner/captioner"), str(out / "round-0/filter/filter")}
     validate_manifest(read_json(str(out / "manifest.json")), "job")
+    # The demo's table evaluates pre-trained models (BLIP's zero-shot columns): only round 0,
+    # whose models run the CapFilt round, is fine-tuned; each row's eval names its pre-training.
+    for folder in ("round-1", "ablation/kept_web", "ablation/web_and_synthetic"):
+        assert not (out / folder / "captioner").exists() and not (out / folder / "filter").exists()
+    for row, folder in zip(summary["table"], ("round-0", "ablation/kept_web",
+                                               "ablation/web_and_synthetic", "round-1")):
+        assert row["captioner"] == str(out / folder / "pretrain" / "captioner")
+        evaluated = read_json(str(out / folder / "eval.json"))
+        assert {i["source"] for i in evaluated["inputs"] if i["role"] in ("filter", "captioner")} == {
+            str(out / folder / "pretrain" / "filter"), str(out / folder / "pretrain" / "captioner")}
     # Run again: every step is skipped, the same table comes back.
     began = time.monotonic()
     again = demo(out)
@@ -71,4 +80,9 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
         load_bootstrap_config(path)
     path.write_text('output = "o"\nclean = ["c"]\ninit = "scratch:m"\n')
     with pytest.raises(BootstrapConfigError, match="web is required"):
+        load_bootstrap_config(path)
+    path.write_text('output = "o"\nclean = ["c"]\nweb = ["w"]\ninit = "scratch:m"\n'
+                    '[pretrain]\nsteps = 1\n[finetune_captioner]\nsteps = 1\n'
+                    '[finetune_filter]\nsteps = 1\n[eval]\nmodels = "zero-shot"\n')
+    with pytest.raises(BootstrapConfigError, match="models = 'zero-shot'"):
         load_bootstrap_config(path)

@@ -98,7 +98,7 @@ def test_parse_is_order_insensitive_forgiving_of_spacing_and_strict_on_content()
     for wrong in (
         "a small red circle on the left",  # no background
         "a small red circle on the left and a large blue square on the left on a white background",
-        "a small red circle at the top and a large blue square on the right on a white background",
+        "a small red circle at the top on a white background",  # no such position
         "a small pink circle on the left on a white background",
         "a red circle on the left on a white background",  # no size
         "a small red circle on the left on a white background and more",

@@ -2,11 +2,11 @@
 
 Every caption states every attribute of every object and the background, lower case, in one of
 five phrasings (``TEMPLATES``). An object reads "a {size} {colour} {shape} {where}", where is
-"on the left", "on the right", "at the top", "at the bottom" or "in the center"; two objects are
-joined with "and", the left (or top) one first. Examples:
+"on the left", "on the right" or "in the center"; two objects are joined with "and", the left
+one first. Examples:
 
     a small red circle on the left on a white background
-    there is a large blue square at the top, black background
+    there is a large blue square in the center, black background
     a gray background with a small green cross on the left and a large yellow triangle on the right
 
 The longest caption has 19 words. ``parse`` is the exact inverse of ``describe`` (it forgives
@@ -25,8 +25,6 @@ from capfilt.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, Scen
 WHERE = {
     "left": "on the left",
     "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
     "center": "in the center",
 }
 TEMPLATES = (

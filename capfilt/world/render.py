@@ -1,7 +1,7 @@
-"""Drawing a scene: 64 px pictures whose attributes stay unambiguous under a little jitter.
+"""Drawing a scene: small pictures (64 or 96 px) whose attributes stay unambiguous under jitter.
 
 Geometry, as fractions of the image side: object centres at left (0.25, 0.5), right
-(0.75, 0.5), top (0.5, 0.25), bottom (0.5, 0.75), center (0.5, 0.5), each moved by up to
+(0.75, 0.5) and center (0.5, 0.5), each moved by up to
 ±0.03; half-extents 0.10 (small) and 0.19 (large), scaled by 0.94-1.06. Two objects stand 0.5
 apart, less 0.06 of jitter, and together reach at most 2 x 0.19 x 1.06 = 0.40: they never
 touch. Object colours move by up to ±12 per channel, backgrounds by ±4 (no visible tint). The
@@ -28,14 +28,11 @@ COLOUR_RGB = {
     "blue": (40, 80, 230),
     "yellow": (240, 215, 40),
     "purple": (150, 60, 190),
-    "orange": (245, 140, 30),
 }
 BACKGROUND_RGB = {"white": (245, 245, 240), "gray": (128, 128, 128), "black": (25, 25, 25)}
 CENTRES = {
     "left": (0.25, 0.5),
     "right": (0.75, 0.5),
-    "top": (0.5, 0.25),
-    "bottom": (0.5, 0.75),
     "center": (0.5, 0.5),
 }
 HALF_EXTENT = {"small": 0.10, "large": 0.19}

@@ -1,18 +1,21 @@
 """What a picture of the demo world shows: one or two shapes on a plain background.
 
-Decisions, chosen so a tiny BLIP (64 px images, patch 8 or 16) can tell every value apart:
+Decisions, chosen so a tiny BLIP trained from scratch on a laptop can tell every value apart:
 
 - shapes: circle, square, triangle, cross (four outlines that stay distinct at 13 px);
-- colours: red, green, blue, yellow, purple, orange (six hues far apart in RGB);
-- sizes: small (about 13 px across) and large (about 24 px across);
-- positions: left, right, top, bottom, center. One object may stand at any of them; two objects
-  stand side by side (left and right) or one above the other (top and bottom), so they never
-  overlap;
+- colours: red, green, blue, yellow, purple (five hues far apart in RGB; orange was dropped,
+  a tiny captioner confused it with yellow more than any other pair);
+- sizes: small and large (about 0.2 and 0.38 of the image side across);
+- positions: left, right, center. One object may stand at any of them; two objects stand side
+  by side (left and right), so they never overlap. Top and bottom were dropped: with them, a
+  96-wide two-layer ViT trained for 600 steps on 2,000 clean pictures got the position of
+  over half its test captions wrong; left, right and center on a 3 x 3 grid of patches
+  (96 px, patch 32, the demo's setting) it gets right nearly always (measured in session 3);
 - backgrounds: white, gray, black, none of them an object colour.
 
-That gives 720 one-object scenes and 13,824 two-object ones. A ``Scene`` keeps its objects in a
-canonical order (left before right, top before bottom), so two scenes that show the same thing
-compare equal whatever order their objects were given in.
+That gives 360 one-object scenes and 4,800 two-object ones. A ``Scene`` keeps its objects in a
+canonical order (left before right), so two scenes that show the same thing compare equal
+whatever order their objects were given in.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import random
 from dataclasses import dataclass
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+COLOURS = ("red", "green", "blue", "yellow", "purple")
 SIZES = ("small", "large")
-POSITIONS = ("left", "right", "top", "bottom", "center")
+POSITIONS = ("left", "right", "center")
 BACKGROUNDS = ("white", "gray", "black")
 # Where two objects may stand: never both at the same place, never overlapping.
-PAIRS = (("left", "right"), ("top", "bottom"))
+PAIRS = (("left", "right"),)
 # The attributes of one object, in the order captions state them.
 OBJECT_ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
 
