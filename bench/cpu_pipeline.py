@@ -7,7 +7,9 @@ Prints, in one run on one machine:
   2. against the model-card way (processor per batch, `generate`, then the ITM model called once
      per text slot, so the vision encoder runs again for every text): the speed ratio, and the
      largest difference between the two in the web captions' ITM/ITC scores;
-  3. scaling: 1, 4 and 16 shards, each size in a fresh process: seconds and peak memory.
+  3. scaling: 1, 4 and 16 shards, each size in a fresh process: seconds and peak memory;
+  and the bare loop again with Hugging Face's eager attention instead of capfilt's SDPA
+  (``--attention-only``: just that comparison).
 
     python bench/cpu_pipeline.py --out bench/results/cpu-$(hostname).json
 """
@@ -110,9 +112,10 @@ def write_shards(folder: Path, shards: int, rows: int) -> list[str]:
     return paths
 
 
-def bare_loop(models, shards) -> tuple[float, int]:
+def bare_loop(models, shards, attention: str = "sdpa") -> tuple[float, int]:
     """The same models on already-decoded tensors: the ceiling for the pipeline."""
-    cap, fil = load_model(models["captioner"], "captioner"), load_model(models["filter"], "filter")
+    cap = load_model(models["captioner"], "captioner", attention=attention)
+    fil = load_model(models["filter"], "filter", attention=attention)
     captioner, scorer = Captioner(cap, SAMPLING, seed=0), Scorer(fil, itm_token="cls")
     transform = ImageTransform.from_processor(cap.processor.image_processor)
     rows = [r for s in shards for r in read_shard(s).table.to_pylist()]
@@ -199,6 +202,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="rows per shard")
     parser.add_argument("--shards", type=int, default=4, help="shards for measures 1 and 2")
     parser.add_argument("--scaling-child", nargs=2, metavar=("MODELS_JSON", "SHARDS_JSON"))
+    parser.add_argument("--attention-only", action="store_true",
+                        help="only the bare loop with SDPA against Hugging Face's eager attention")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.scaling_child:
@@ -213,6 +218,12 @@ def main() -> None:
                "batch_size": BATCH, "images": args.shards * args.rows}
 
     bare_s, n = bare_loop(models, shards)
+    eager_s, _ = bare_loop(models, shards, attention="eager")
+    figures.update(bare_images_per_s=n / bare_s, bare_images_per_s_eager_attention=n / eager_s,
+                   sdpa_speedup_bare=eager_s / bare_s)
+    if args.attention_only:
+        _report(figures, args.out)
+        return
     run = pipeline(models, shards, work / "round")
     card_s, _, card_scores = model_card(models, shards)
     diff = max(max(abs(a - b) for a, b in zip(run["scores"][k], card_scores[k]))
@@ -235,11 +246,15 @@ def main() -> None:
              json.dumps(scale_shards)], capture_output=True, text=True, check=True)
         scaling[count] = json.loads(child.stdout.strip().splitlines()[-1])
     figures["scaling_32_rows_per_shard"] = scaling
+    _report(figures, args.out)
+
+
+def _report(figures: dict, out: str | None) -> None:
     for key, value in figures.items():
         print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from transformers import (
     InstructBlipForConditionalGeneration,
 )
 
+from capfilt.attention import use_sdpa
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
 ROLE_FAMILIES = {"captioner": "BLIP, BLIP-2 or InstructBLIP captioning",
@@ -101,8 +103,15 @@ def model_class(source: str, role: str) -> type:
     return MODEL_TYPES[role].get(model_type, MODEL_CLASSES[role])
 
 
-def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load the model for ``role`` ("captioner" or "filter") and its processor, in eval mode."""
+def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float32",
+               attention: str = "sdpa") -> LoadedModel:
+    """Load the model for ``role`` ("captioner" or "filter") and its processor, in eval mode.
+
+    ``attention``: "sdpa" runs BLIP's attention through scaled-dot-product attention and lets
+    the scorer compute the image's cross-attention K/V once per image (capfilt/attention.py);
+    "eager" keeps Hugging Face's modules as they are."""
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention {attention!r}: use 'sdpa' or 'eager'")
     check_model_source(source, role)
     torch_dtype = DTYPES[dtype]
     # A local folder never touches the network; only a hub id the user named does.
@@ -117,6 +126,8 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
             "hold tensors (only safetensors or torch.load(weights_only=True) files load)"
         ) from exc
     model = model.to(device).eval()
+    if attention == "sdpa":
+        use_sdpa(model)
     processor_class = BlipProcessor if isinstance(model, MODEL_CLASSES[role]) else AutoProcessor
     processor = processor_class.from_pretrained(source, local_files_only=local)
     return LoadedModel(model, processor, torch.device(device), torch_dtype)

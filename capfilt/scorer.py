@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from capfilt.attention import image_kv_once, uses_sdpa
 from capfilt.models import LoadedModel
 
 # BLIP pads ITM text to 35 tokens; longer web captions are truncated there.
@@ -66,7 +67,11 @@ class Scorer:
         for start in range(0, len(flat), self.text_batch_size):
             chunk = flat[start : start + self.text_batch_size]
             index = torch.tensor(owners[start : start + self.text_batch_size], device=self.device)
-            itm, itc = self._score_chunk(chunk, image_embeds[index], image_feat[index])
+            if uses_sdpa(self.model):  # the image tokens' cross-attention K/V once per image
+                with image_kv_once(self.model.text_encoder, image_embeds, index) as per_text:
+                    itm, itc = self._score_chunk(chunk, per_text, image_feat[index])
+            else:
+                itm, itc = self._score_chunk(chunk, image_embeds[index], image_feat[index])
             itm_parts.append(itm)
             itc_parts.append(itc)
         itm_flat = torch.cat(itm_parts).tolist()
