@@ -18,8 +18,8 @@ from capfilt.world.models import write_world_models
 PROFILES = {
     "full": {
         "world": {"n_clean": 2000, "n_web": 3000, "n_test": 500, "rows_per_shard": 500,
-                  "two_object_fraction": 0.1, "image_size": 96},
-        "model": {"hidden": 96, "layers": 2, "patch": 32, "image_size": 96},
+                  "two_object_fraction": 0.1, "image_size": 48},
+        "model": {"hidden": 96, "layers": 2, "patch": 16, "image_size": 48},
         "pretrain": {"steps": 300, "lr": 1e-3, "warmup_steps": 20},
         "finetune_captioner": {"steps": 400, "lr": 1e-3, "warmup_steps": 10},
         "finetune_filter": {"steps": 150, "lr": 5e-4, "warmup_steps": 10},
@@ -27,8 +27,8 @@ PROFILES = {
     },
     "quick": {
         "world": {"n_clean": 64, "n_web": 192, "n_test": 32, "rows_per_shard": 64,
-                  "image_size": 96},
-        "model": {"hidden": 32, "layers": 1, "patch": 32, "image_size": 96},
+                  "image_size": 48},
+        "model": {"hidden": 32, "layers": 1, "patch": 16, "image_size": 48},
         "pretrain": {"steps": 20, "lr": 3e-3, "warmup_steps": 2},
         "finetune_captioner": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
         "finetune_filter": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
