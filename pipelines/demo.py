@@ -19,7 +19,7 @@ PROFILES = {
     "full": {
         "world": {"n_clean": 2000, "n_web": 3000, "n_test": 500, "rows_per_shard": 500,
                   "two_object_fraction": 0.1, "image_size": 48},
-        "model": {"hidden": 96, "layers": 2, "patch": 16, "image_size": 48},
+        "model": {"hidden": 96, "layers": 2, "patch": 16},
         "pretrain": {"steps": 300, "lr": 1e-3, "warmup_steps": 20},
         "finetune_captioner": {"steps": 400, "lr": 1e-3, "warmup_steps": 10},
         "finetune_filter": {"steps": 150, "lr": 5e-4, "warmup_steps": 10},
@@ -28,7 +28,7 @@ PROFILES = {
     "quick": {
         "world": {"n_clean": 64, "n_web": 192, "n_test": 32, "rows_per_shard": 64,
                   "image_size": 48},
-        "model": {"hidden": 32, "layers": 1, "patch": 16, "image_size": 48},
+        "model": {"hidden": 32, "layers": 1, "patch": 16},
         "pretrain": {"steps": 20, "lr": 3e-3, "warmup_steps": 2},
         "finetune_captioner": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
         "finetune_filter": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
@@ -48,7 +48,8 @@ def write_demo(output: Path, quick: bool, seed: int) -> Path:
     profile = PROFILES["quick" if quick else "full"]
     world = build_world(output / "world", WorldSpec(seed=seed, **profile["world"]))
     if not (output / "blank" / "filter").exists():
-        write_world_models(output / "blank", seed=seed, **profile["model"])
+        write_world_models(output / "blank", seed=seed, image_size=profile["world"]["image_size"],
+                           **profile["model"])
     batch = profile["batch_size"]
 
     def step(settings: dict, mix: bool) -> str:

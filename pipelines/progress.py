@@ -27,6 +27,8 @@ class Progress:
     def worker(self, label: int, state: str) -> None:
         """Worker ``label`` is now ``state``; redrawn at once on a terminal, else shown with
         the next finished shard (a log stays one line per shard)."""
+        if self.workers.get(label, ("",))[0] == state:
+            return  # no change: keep when it began, draw nothing
         self.workers[label] = (state, time.perf_counter())
         if self.tty:
             self._draw(self.line(), final=False)
