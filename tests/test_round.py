@@ -171,6 +171,7 @@ def capfilt(*args, cwd):
 
 
 def test_command_line_end_to_end(tmp_path, img2dataset_parquet):
+    """The installed command in its own processes, starting its own Ray."""
     made = capfilt("tiny-models", "M", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     ran = capfilt("run", "--input", f"{img2dataset_parquet}/*.parquet", "--output", "R",
@@ -179,16 +180,25 @@ def test_command_line_end_to_end(tmp_path, img2dataset_parquet):
     assert "round 1: complete" in ran.stdout and "shards 4/4 done" in ran.stderr
     checked = capfilt("validate", "R", cwd=tmp_path)
     assert checked.returncode == 0 and "every input row accounted for" in checked.stdout
+
+
+def test_command_line_names_failed_shards_safely_and_refuses_a_missing_model(
+    ray_local, tiny_models, img2dataset_parquet, tmp_path, capsys
+):
+    """``capfilt run``'s exit codes and messages, called in this process (on the tests' Ray)."""
+    from pipelines.cli import main
+
     hostile = tmp_path / "hostile"
     hostile.mkdir()
     shutil.copy(img2dataset_parquet / "00000.parquet", hostile / "00000.parquet")
     (hostile / "bad\x1b[2J\x1b[31m.parquet").write_bytes(b"PAR1 corrupt")
-    partial = capfilt("run", "--input", hostile, "--output", "R3", "--captioner", "M/captioner",
-                      "--filter", "M/filter", cwd=tmp_path)
-    assert partial.returncode == 1
-    assert "1 done, 1 failed" in partial.stdout and "FAILED shard 00001" in partial.stdout
-    assert "bad\\x1b[2J" in partial.stdout and "\x1b" not in partial.stdout + partial.stderr
-    assert "retry only those" in partial.stderr
-    missing = capfilt("run", "--input", f"{img2dataset_parquet}/*.parquet", "--output", "R2",
-                      "--captioner", "./nowhere/captioner", "--filter", "M/filter", cwd=tmp_path)
-    assert missing.returncode == 2 and "captioner model" in missing.stderr
+    models = ["--captioner", str(tiny_models["captioner"]), "--filter", str(tiny_models["filter"])]
+    assert main(["run", "--input", str(hostile), "--output", str(tmp_path / "R3"), *models]) == 1
+    partial = capsys.readouterr()
+    assert "1 done, 1 failed" in partial.out and "FAILED shard 00001" in partial.out
+    assert "bad\\x1b[2J" in partial.out and "\x1b" not in partial.out + partial.err
+    assert "retry only those" in partial.err
+    missing = main(["run", "--input", f"{img2dataset_parquet}/*.parquet", "--output",
+                    str(tmp_path / "R2"), "--captioner", str(tmp_path / "nowhere" / "captioner"),
+                    "--filter", str(tiny_models["filter"])])
+    assert missing == 2 and "captioner model" in capsys.readouterr().err
