@@ -21,8 +21,8 @@ PROFILES = {
                   "two_object_fraction": 0.1, "image_size": 48},
         "model": {"hidden": 96, "layers": 2, "patch": 16},
         "pretrain": {"steps": 300, "lr": 1e-3, "warmup_steps": 20},
-        "finetune_captioner": {"steps": 400, "lr": 1e-3, "warmup_steps": 10},
-        "finetune_filter": {"steps": 150, "lr": 5e-4, "warmup_steps": 10},
+        "finetune_captioner": {"steps": 400, "lr": 3e-3, "warmup_steps": 10},
+        "finetune_filter": {"steps": 300, "lr": 1e-3, "warmup_steps": 10},
         "batch_size": 64,
     },
     "quick": {

@@ -89,19 +89,19 @@ def test_a_one_attribute_change_makes_a_caption_wrong():
 
 def test_parse_is_order_insensitive_forgiving_of_spacing_and_strict_on_content():
     scene = Scene((SceneObject("square", "blue", "large", "right"),
-                   SceneObject("circle", "red", "small", "left")), "white")
+                   SceneObject("ring", "red", "small", "left")), "white")
     assert [o.position for o in scene.objects] == ["left", "right"]  # canonical order
-    assert parse("a large blue square on the right and a small red circle on the left "
+    assert parse("a large blue square on the right and a small red ring on the left "
                  "on a white background") == scene
-    assert parse("  There is a small red circle on the left and a large blue square on the "
+    assert parse("  There is a small red ring on the left and a large blue square on the "
                  "right , white background.") == scene
     for wrong in (
-        "a small red circle on the left",  # no background
-        "a small red circle on the left and a large blue square on the left on a white background",
-        "a small red circle at the top on a white background",  # no such position
+        "a small red ring on the left",  # no background
+        "a small red ring on the left and a large blue square on the left on a white background",
+        "a small red ring at the top on a white background",  # no such position
         "a small pink circle on the left on a white background",
-        "a red circle on the left on a white background",  # no size
-        "a small red circle on the left on a white background and more",
+        "a red ring on the left on a white background",  # no size
+        "a small red ring on the left on a white background and more",
         "",
     ):
         assert parse(wrong) is None, wrong
@@ -114,9 +114,9 @@ def test_scenes_validate_and_serialise():
         assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
         assert Scene.from_json(scene.to_json()) == scene
     with pytest.raises(ValueError):
-        Scene((SceneObject("circle", "red", "small", "left"),) * 2, "white")
+        Scene((SceneObject("ring", "red", "small", "left"),) * 2, "white")
     with pytest.raises(ValueError):
-        Scene((SceneObject("circle", "red", "small", "left"),), "red")
+        Scene((SceneObject("ring", "red", "small", "left"),), "red")
     with pytest.raises(ValueError):
         SceneObject("hexagon", "red", "small", "left")
 
@@ -156,7 +156,8 @@ def test_two_objects_never_overlap_and_colours_stay_unambiguous():
         image = render(scene, 64, random.Random(i))
         assert image.size == (64, 64) and image.mode == "RGB"
         for p in placed:
-            pixel = image.getpixel((int(p.x * 64), int(p.y * 64)))
+            x, y = p.solid_point()
+            pixel = image.getpixel((int(x * 64), int(y * 64)))
             assert nearest_colour(pixel) == p.obj.colour
     scene = random_scene(rng)
     one, two = (render(scene, 64, random.Random(i)).tobytes() for i in (1, 2))
@@ -217,7 +218,8 @@ def test_every_object_keeps_its_colour_through_jpeg(world):
             index = int(row["key"].rsplit("-", 1)[1]) - 1
             image = Image.open(io.BytesIO(row["jpg"])).convert("RGB")
             for p in place(scenes[row["key"]], world_rng(SPEC, name, index)):
-                pixel = image.getpixel((int(p.x * 64), int(p.y * 64)))
+                x, y = p.solid_point()
+                pixel = image.getpixel((int(x * 64), int(y * 64)))
                 assert nearest_colour(pixel) == p.obj.colour, (row["key"], p.obj)
 
 
@@ -247,7 +249,7 @@ def test_every_caption_is_spelt_with_the_vocabulary(world):
         for row in shard_rows(folder):
             seen.update(words(row["caption"]))
     assert seen <= vocab
-    assert {"circle", "background", "jpg", "7", ","} <= seen
+    assert {"ring", "background", "jpg", "7", ","} <= seen
 
 
 def test_test_scenes_are_distinct_with_one_attribute_distractors(world):

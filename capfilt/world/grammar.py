@@ -5,7 +5,7 @@ five phrasings (``TEMPLATES``). An object reads "a {size} {colour} {shape} {wher
 "on the left", "on the right" or "in the center"; two objects are joined with "and", the left
 one first. Examples:
 
-    a small red circle on the left on a white background
+    a small red ring on the left on a white background
     there is a large blue square in the center, black background
     a gray background with a small green cross on the left and a large yellow triangle on the right
 

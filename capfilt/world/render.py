@@ -8,7 +8,8 @@ touch. Object colours move by up to ±12 per channel, backgrounds by ±4 (no vis
 picture is drawn at twice the size and box-averaged down (smooth edges), then every channel of
 every pixel gets uniform noise in ±6. JPEGs are written at quality 90 without chroma
 subsampling (4:4:4), so even a small triangle keeps its colour: the pixel at every object's
-centre of the default world decodes nearest its own palette colour. Everything random comes
+solid point (its centre; for a ring, the middle of its band) of the default world decodes
+nearest its own palette colour. Everything random comes
 from the ``rng`` passed in, so a picture is a function of its seed.
 """
 
@@ -36,6 +37,7 @@ CENTRES = {
     "center": (0.5, 0.5),
 }
 HALF_EXTENT = {"small": 0.10, "large": 0.19}
+RING_WIDTH = 0.45  # of the half-extent: the hole is 0.55 of the ring's radius
 POSITION_JITTER = 0.03
 SIZE_JITTER = 0.06
 COLOUR_JITTER = 12
@@ -59,6 +61,12 @@ class Placement:
     def box(self) -> tuple[float, float, float, float]:
         return (self.x - self.half, self.y - self.half, self.x + self.half, self.y + self.half)
 
+    def solid_point(self) -> tuple[float, float]:
+        """A point well inside the drawn shape: its centre, or the middle of a ring's band."""
+        if self.obj.shape == "ring":
+            return (self.x + (1 - RING_WIDTH / 2) * self.half, self.y)
+        return (self.x, self.y)
+
 
 def place(scene: Scene, rng: random.Random) -> list[Placement]:
     """The jittered centre and half-extent of every object of ``scene``."""
@@ -77,8 +85,8 @@ def _jitter(rgb: tuple[int, int, int], amount: int, rng: random.Random) -> tuple
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, h: float, fill) -> None:
-    if shape == "circle":
-        draw.ellipse((x - h, y - h, x + h, y + h), fill=fill)
+    if shape == "ring":
+        draw.ellipse((x - h, y - h, x + h, y + h), outline=fill, width=max(1, round(RING_WIDTH * h)))
     elif shape == "square":
         draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
     elif shape == "triangle":
