@@ -9,7 +9,9 @@ Prints, in one run on one machine:
      largest difference between the two in the web captions' ITM/ITC scores;
   3. scaling: 1, 4 and 16 shards, each size in a fresh process: seconds and peak memory;
   and the bare loop again with Hugging Face's eager attention instead of capfilt's SDPA
-  (``--attention-only``: just that comparison).
+  (``--attention-only``: just that comparison). ``--flops-only``: the work per image of the bare
+  loop and of the model-card way, counted on one batch (``FlopCounterMode``): at equal speed per
+  FLOP, measure 2's ratio would be this one.
 
     python bench/cpu_pipeline.py --out bench/results/cpu-$(hostname).json
 """
@@ -157,6 +159,27 @@ def model_card(models, shards) -> tuple[float, int, dict]:
     return time.perf_counter() - started, len(rows), scores
 
 
+def flops_per_image(models) -> dict:
+    """GFLOPs per image of the bare loop and of the model-card way, on one batch.
+
+    The bare loop is counted with eager attention: the counter has no formula for the CPU SDPA
+    kernel and would count its attention as zero (the arithmetic is the same either way).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with tempfile.TemporaryDirectory(prefix="capfilt-flops-") as folder:
+        one_batch = write_shards(Path(folder), 1, BATCH)
+        counts = {}
+        for name, run in (("bare", lambda: bare_loop(models, one_batch, attention="eager")),
+                          ("model_card", lambda: model_card(models, one_batch))):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            counts[name] = counter.get_total_flops() / BATCH / 1e9
+    return {"gflop_per_image_bare": counts["bare"],
+            "gflop_per_image_model_card": counts["model_card"],
+            "model_card_flop_ratio": counts["model_card"] / counts["bare"]}
+
+
 def pipeline(models, shards, out: Path) -> dict:
     from pipelines.plan import RoundOptions
     from pipelines.round import run_round
@@ -202,6 +225,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="rows per shard")
     parser.add_argument("--shards", type=int, default=4, help="shards for measures 1 and 2")
     parser.add_argument("--scaling-child", nargs=2, metavar=("MODELS_JSON", "SHARDS_JSON"))
+    parser.add_argument("--flops-only", action="store_true",
+                        help="only the FLOPs per image of the bare loop and the model-card way")
     parser.add_argument("--attention-only", action="store_true",
                         help="only the bare loop with SDPA against Hugging Face's eager attention")
     args = parser.parse_args()
@@ -211,11 +236,14 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="capfilt-bench-"))
     models = small_models(work / "models")
-    shards = write_shards(work / "shards", args.shards, args.rows)
     figures = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, "
                           f"{torch.get_num_threads()} torch threads, {platform.machine()}",
-               "date": time.strftime("%Y-%m-%d"),
-               "batch_size": BATCH, "images": args.shards * args.rows}
+               "date": time.strftime("%Y-%m-%d"), "batch_size": BATCH}
+    if args.flops_only:
+        _report(figures | flops_per_image(models), args.out)
+        return
+    shards = write_shards(work / "shards", args.shards, args.rows)
+    figures["images"] = args.shards * args.rows
 
     bare_s, n = bare_loop(models, shards)
     eager_s, _ = bare_loop(models, shards, attention="eager")

@@ -120,12 +120,17 @@ def run_demo(output: str, quick: bool = False, seed: int = 0) -> dict:
 
 def describe_audit(audit: dict) -> str:
     f, s = audit["filter"], audit["synthetic"]
-    kinds = ", ".join(f"{kind} {v['kept']}/{v['of']}" for kind, v in audit["web_kept_by_kind"].items())
     return (
         f"\nfilter on web captions (hidden truth): precision {f['precision']}, recall "
         f"{f['recall']}; dropped {f['wrong_web_dropped']} of the wrong ones, kept "
         f"{f['right_web_kept']} of the right ones\n"
-        f"web captions kept by kind: {kinds}\n"
+        f"web captions kept by kind: {_kept_of(audit['web_kept_by_kind'])}\n"
+        f"one-attribute web errors kept, by attribute: {_kept_of(audit['attribute_errors_kept'])}\n"
         f"synthetic captions stating their image correctly: {s['correct']} of all, "
         f"{s['kept_correct']} of the {s['kept']} kept\n"
+        f"synthetic captions kept, by what they get wrong: {_kept_of(s['by_error'])}\n"
     )
+
+
+def _kept_of(counts: dict) -> str:
+    return ", ".join(f"{name} {v['kept']}/{v['of']}" for name, v in counts.items())

@@ -43,6 +43,13 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(tmp_path):
     assert summary["table"][0]["noise_ratio"] == pytest.approx(0.4, abs=0.01)
     kinds = summary["audit"]["web_kept_by_kind"]
     assert sum(v["of"] for v in kinds.values()) == 192
+    by_attribute = summary["audit"]["attribute_errors_kept"]
+    assert sum(v["of"] for v in by_attribute.values()) == kinds["attribute"]["of"]
+    assert sum(v["kept"] for v in by_attribute.values()) == kinds["attribute"]["kept"]
+    synthetic = summary["audit"]["synthetic"]
+    assert sum(v["of"] for v in synthetic["by_error"].values()) == synthetic["of"]
+    assert sum(v["kept"] for v in synthetic["by_error"].values()) == synthetic["kept"]
+    assert "synthetic captions kept, by what they get wrong" in done.stdout
     # Every step wrote a valid manifest naming its parents; the round-1 model learned from
     # the CapFilt round, which used round 0's fine-tuned models.
     for step in STEP_MANIFESTS:

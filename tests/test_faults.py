@@ -124,6 +124,8 @@ def test_the_driver_killed_mid_round_then_rerun_gives_the_uninterrupted_output(
     rerun = run_round(round_options(tiny_models, inputs, out))
     assert rerun.status == "complete" and rerun.totals.rows_in == SHARDS * ROWS
     assert sum(s.status == "done" for s in rerun.shards) == SHARDS
+    resumed = f"{SHARDS} shards, {done_before} already done, {SHARDS - done_before} to run"
+    assert resumed in (out / "capfilt.log").read_text()
     assert shard_bytes(out) == shard_bytes(uninterrupted)
 
 

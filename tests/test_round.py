@@ -196,7 +196,9 @@ def test_command_line_names_failed_shards_safely_and_refuses_a_missing_model(
     assert main(["run", "--input", str(hostile), "--output", str(tmp_path / "R3"), *models]) == 1
     partial = capsys.readouterr()
     assert "1 done, 1 failed" in partial.out and "FAILED shard 00001" in partial.out
-    assert "bad\\x1b[2J" in partial.out and "\x1b" not in partial.out + partial.err
+    assert "bad\\x1b[2J" in partial.out and "\x1b" not in partial.out
+    # The shared Ray may colour its own log lines; none that names the file carries its escapes.
+    assert all("\x1b" not in line for line in partial.err.splitlines() if "bad" in line)
     assert "retry only those" in partial.err
     missing = main(["run", "--input", f"{img2dataset_parquet}/*.parquet", "--output",
                     str(tmp_path / "R2"), "--captioner", str(tmp_path / "nowhere" / "captioner"),

@@ -35,6 +35,7 @@ from capfilt.world import (
     vocabulary,
     words,
 )
+from capfilt.world.audit import caption_error
 from capfilt.world.build import world_rng
 from capfilt.world.noise import filename_text, generic_text, spam_text
 from capfilt.world.render import COLOUR_RGB, place
@@ -85,6 +86,21 @@ def test_a_one_attribute_change_makes_a_caption_wrong():
             assert differing_attributes(scene, variant) is not None
             assert len(differing_attributes(scene, variant)) == 1
             assert not caption_is_correct(describe(variant, rng), scene)
+
+
+def test_caption_error_names_what_a_caption_gets_wrong():
+    one = Scene((SceneObject("ring", "red", "small", "left"),), "white")
+    two = Scene((SceneObject("ring", "red", "small", "left"),
+                 SceneObject("cross", "blue", "large", "right")), "black")
+    assert caption_error("a small red ring on the left on a white background", one) == "right"
+    assert caption_error("a small red cross on the left on a white background", one) == "shape"
+    assert caption_error("a large blue ring on the left on a white background", one) == "colour+size"
+    assert caption_error("there is a small red ring in the center, gray background",
+                         one) == "background+position"
+    assert caption_error("a small red ring on the left", one) == "unparsed"
+    assert caption_error("a small red ring on the left on a black background", two) == "count"
+    assert caption_error("a small red ring on the left and a large blue square on the right on a "
+                         "black background", two) == "shape"
 
 
 def test_parse_is_order_insensitive_forgiving_of_spacing_and_strict_on_content():

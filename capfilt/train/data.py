@@ -191,9 +191,9 @@ def batches_for(data: TrainingData, processor, config) -> "BatchMaker":
     return BatchMaker(data, transform, config.batch_size, config.seed, config.augment)
 
 
-# Decoded pixels kept per process when training without augmentation: the demo world's 5,000
-# pictures (48 px) take 35 MiB; at 384 px this holds about 600 pictures, the rest are decoded
-# at each step as with augmentation.
+# Decoded pixels (float32, as the model takes them) kept per process, so per rank under DDP,
+# when training without augmentation: the demo world's 5,000 pictures (48 px) take 132 MiB; at
+# 384 px this holds about 600 pictures, the rest are decoded at each step as with augmentation.
 CACHE_MIB = 1024
 
 

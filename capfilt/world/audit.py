@@ -1,8 +1,9 @@
 """Judge a CapFilt round of the demo world against its hidden truth (never read by the pipeline).
 
 Figures: the filter's precision and recall on web captions, what share of each noise kind it
-kept, how many synthetic captions state their image correctly (all, and kept), and the noise
-ratio of the captions each Table 1 training view offers.
+kept (and of the one-attribute errors, by attribute), how many synthetic captions state their
+image correctly (all, and kept) and what the wrong ones get wrong, and the noise ratio of the
+captions each Table 1 training view offers.
 """
 
 from __future__ import annotations
@@ -14,13 +15,33 @@ import pyarrow.parquet as pq
 
 from capfilt.train.data import VIEWS, round_captions
 from capfilt.world.build import load_scenes, load_web_noise
-from capfilt.world.grammar import caption_is_correct
+from capfilt.world.grammar import caption_is_correct, parse
+from capfilt.world.scene import Scene, differing_attributes
 
 COLUMNS = ["key", "web_caption", "synthetic_captions", "kept_captions", "kept_sources"]
 
 
 def _ratio(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
+
+
+def caption_error(caption: str, scene: Scene) -> str:
+    """What a caption gets wrong about ``scene``: ``right``, ``unparsed`` (not in the grammar),
+    ``count`` (one object for two or two for one), or the attributes it states wrongly, joined
+    with ``+`` in alphabetical order (``shape``, ``colour+size``...)."""
+    stated = parse(caption)
+    if stated is None:
+        return "unparsed"
+    if stated == scene:
+        return "right"
+    differing = differing_attributes(stated, scene)
+    if differing is None:
+        return "count"
+    return "+".join(sorted({name.rsplit(".", 1)[-1] for name in differing}))
+
+
+def _kept_of(kept: Counter, of: Counter) -> dict:
+    return {k: {"kept": kept[k], "of": of[k]} for k in sorted(of, key=lambda k: (-of[k], k))}
 
 
 def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
@@ -30,17 +51,30 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
     kinds, kept_kinds = Counter(), Counter()
     synthetic = synthetic_right = kept_synthetic = kept_synthetic_right = 0
     view_total, view_wrong = Counter(), Counter()
+    attribute_of, attribute_kept = Counter(), Counter()
+    synthetic_errors, synthetic_errors_kept = Counter(), Counter()
     for row in rows:
         scene = scenes[row["key"]]
         kind = noise[row["key"]]
         kinds[kind] += 1
         kept_web = "web" in row["kept_sources"]
         kept_kinds[kind] += kept_web
+        if kind == "attribute":
+            error = caption_error(row["web_caption"], scene)
+            attribute_of[error] += 1
+            attribute_kept[error] += kept_web
         right = {}
+        kept_texts = Counter(t for t, src in zip(row["kept_captions"], row["kept_sources"])
+                             if src == "synthetic")
         for text in row["synthetic_captions"]:
             right[text] = caption_is_correct(text, scene)
             synthetic += 1
             synthetic_right += right[text]
+            error = caption_error(text, scene)
+            synthetic_errors[error] += 1
+            if kept_texts[text] > 0:
+                kept_texts[text] -= 1
+                synthetic_errors_kept[error] += 1
         for text, source in zip(row["kept_captions"], row["kept_sources"]):
             if source == "synthetic":
                 kept_synthetic += 1
@@ -65,10 +99,12 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
             "recall": _ratio(right_kept, kinds["correct"]),
         },
         "web_kept_by_kind": {k: {"kept": kept_kinds[k], "of": kinds[k]} for k in sorted(kinds)},
+        "attribute_errors_kept": _kept_of(attribute_kept, attribute_of),
         "synthetic": {
             "correct": _ratio(synthetic_right, synthetic),
             "kept_correct": _ratio(kept_synthetic_right, kept_synthetic),
             "kept": kept_synthetic, "of": synthetic,
+            "by_error": _kept_of(synthetic_errors_kept, synthetic_errors),
         },
         "noise_ratio": {view: _ratio(view_wrong[view], view_total[view]) for view in VIEWS},
     }

@@ -1,4 +1,4 @@
-"""Drawing a scene: small pictures (64 or 96 px) whose attributes stay unambiguous under jitter.
+"""Drawing a scene: small pictures (48 to 96 px) whose attributes stay unambiguous under jitter.
 
 Geometry, as fractions of the image side: object centres at left (0.25, 0.5), right
 (0.75, 0.5) and center (0.5, 0.5), each moved by up to

@@ -7,9 +7,13 @@ Decisions, chosen so a tiny BLIP trained from scratch on a laptop can tell every
   synthetic captions with 858 shape errors, and circle was in 803 of the 1,075 shape confusions (with
   square 482, with cross 277): it looks like a square with its corners cut, or a cross with its
   gaps filled. A ring (hollow) differs from all three at its centre. Shape errors in 200 sampled
-  test captions of a captioner trained on the clean set alone (400 steps): 96 wide at lr 1e-3,
-  96 with the circle and 65 with the ring; 96 wide at 3e-3 (the demo's), 46 with the ring; 128
-  wide at 3e-3, 74 and 37;
+  test captions of a captioner trained on the clean set alone (400 steps, seed-0 worlds):
+
+      width, lr           with the circle   with the ring
+      96, 1e-3                  96                65
+      96, 3e-3 (demo)           -                 46
+      128, 3e-3                 74                37
+
 - colours: red, green, blue, yellow, purple (five hues far apart in RGB; orange was dropped,
   a tiny captioner confused it with yellow more than any other pair);
 - sizes: small and large (about 0.2 and 0.38 of the image side across);
