@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from capfilt.train.data import VIEWS, round_captions
 from capfilt.world.build import load_scenes, load_web_noise
-from capfilt.world.grammar import caption_is_correct, parse
+from capfilt.world.grammar import parse
 from capfilt.world.scene import Scene, differing_attributes
 
 COLUMNS = ["key", "web_caption", "synthetic_captions", "kept_captions", "kept_sources"]
@@ -49,7 +49,6 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
     noise = load_web_noise(truth)
     rows = pq.read_table(Path(round_dir) / "shards", columns=COLUMNS).to_pylist()
     kinds, kept_kinds = Counter(), Counter()
-    synthetic = synthetic_right = kept_synthetic = kept_synthetic_right = 0
     view_total, view_wrong = Counter(), Counter()
     attribute_of, attribute_kept = Counter(), Counter()
     synthetic_errors, synthetic_errors_kept = Counter(), Counter()
@@ -63,33 +62,31 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
             error = caption_error(row["web_caption"], scene)
             attribute_of[error] += 1
             attribute_kept[error] += kept_web
-        right = {}
+        errors = {}  # each synthetic caption parsed once
         kept_texts = Counter(t for t, src in zip(row["kept_captions"], row["kept_sources"])
                              if src == "synthetic")
         for text in row["synthetic_captions"]:
-            right[text] = caption_is_correct(text, scene)
-            synthetic += 1
-            synthetic_right += right[text]
-            error = caption_error(text, scene)
+            if text not in errors:
+                errors[text] = caption_error(text, scene)
+            error = errors[text]
             synthetic_errors[error] += 1
             if kept_texts[text] > 0:
                 kept_texts[text] -= 1
                 synthetic_errors_kept[error] += 1
-        for text, source in zip(row["kept_captions"], row["kept_sources"]):
-            if source == "synthetic":
-                kept_synthetic += 1
-                kept_synthetic_right += right.get(text, caption_is_correct(text, scene))
         for view in VIEWS:
             for text in round_captions(row, view):
                 if not text:
                     continue
                 view_total[view] += 1
-                wrong = (kind != "correct") if text == row["web_caption"] else not right.get(
-                    text, caption_is_correct(text, scene))
-                view_wrong[view] += wrong
+                if text == row["web_caption"]:
+                    view_wrong[view] += kind != "correct"
+                else:
+                    error = errors[text] if text in errors else caption_error(text, scene)
+                    view_wrong[view] += error != "right"
     wrong_total = sum(n for k, n in kinds.items() if k != "correct")
     wrong_kept = sum(n for k, n in kept_kinds.items() if k != "correct")
     right_kept = kept_kinds["correct"]
+    synthetic, kept_synthetic = sum(synthetic_errors.values()), sum(synthetic_errors_kept.values())
     return {
         "images": len(rows),
         "filter": {
@@ -101,8 +98,8 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
         "web_kept_by_kind": {k: {"kept": kept_kinds[k], "of": kinds[k]} for k in sorted(kinds)},
         "attribute_errors_kept": _kept_of(attribute_kept, attribute_of),
         "synthetic": {
-            "correct": _ratio(synthetic_right, synthetic),
-            "kept_correct": _ratio(kept_synthetic_right, kept_synthetic),
+            "correct": _ratio(synthetic_errors["right"], synthetic),
+            "kept_correct": _ratio(synthetic_errors_kept["right"], kept_synthetic),
             "kept": kept_synthetic, "of": synthetic,
             "by_error": _kept_of(synthetic_errors_kept, synthetic_errors),
         },

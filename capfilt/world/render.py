@@ -9,8 +9,8 @@ picture is drawn at twice the size and box-averaged down (smooth edges), then ev
 every pixel gets uniform noise in ±6. JPEGs are written at quality 90 without chroma
 subsampling (4:4:4), so even a small triangle keeps its colour: the pixel at every object's
 solid point (its centre; for a ring, the middle of its band) of the default world decodes
-nearest its own palette colour. Everything random comes
-from the ``rng`` passed in, so a picture is a function of its seed.
+nearest its own palette colour. Everything random comes from the ``rng`` passed in, so a
+picture is a function of its seed.
 """
 
 from __future__ import annotations
