@@ -7,12 +7,14 @@ step and reused for every later token.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
+from capfilt.attention import captions_share_image, uses_sdpa
 from capfilt.models import LoadedModel
-from capfilt.sampling import apply_repetition_penalty, sample_rows, top_k_top_p
+from capfilt.sampling import apply_repetition_penalty, row_uniforms, sample_rows, top_k_top_p
 from capfilt.seeding import generators
 
 
@@ -85,10 +87,22 @@ class Captioner:
 
     def _sample(self, image_embeds: torch.Tensor, rows: list[torch.Generator]) -> torch.Tensor:
         cfg = self.sampling
-        embeds = image_embeds.repeat_interleave(cfg.num_captions, dim=0)
+        captions = image_embeds.shape[0] * cfg.num_captions
+        if cfg.num_captions > 1 and uses_sdpa(self.model):  # image K/V once, not per caption
+            embeds = image_embeds
+            shared = captions_share_image(self.model.text_decoder, cfg.num_captions)
+        else:
+            embeds = image_embeds.repeat_interleave(cfg.num_captions, dim=0)
+            shared = nullcontext()
         image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        sequence = self.prompt_ids.unsqueeze(0).repeat(embeds.shape[0], 1)
-        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)
+        sequence = self.prompt_ids.unsqueeze(0).repeat(captions, 1)
+        finished = torch.zeros(captions, dtype=torch.bool, device=self.device)
+        uniforms = row_uniforms(rows, cfg.max_new_tokens, self.device)
+        with shared:
+            return self._sample_loop(embeds, image_mask, sequence, finished, uniforms)
+
+    def _sample_loop(self, embeds, image_mask, sequence, finished, uniforms) -> torch.Tensor:
+        cfg = self.sampling
         step_input, cache = sequence, None
         for step in range(cfg.max_new_tokens):
             out = self.model.text_decoder(
@@ -105,7 +119,7 @@ class Captioner:
             if step < cfg.min_new_tokens:
                 logits[:, self.eos_id] = float("-inf")
             logits = top_k_top_p(logits, cfg.top_k, cfg.top_p)
-            token = sample_rows(logits, rows)
+            token = sample_rows(logits, uniforms[:, step])
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
             finished |= token == self.eos_id

@@ -107,6 +107,11 @@ class ImageTransform:
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(image))
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """The CPU half: uint8 (3, height, width). A quarter of float32's bytes to hold and to
+        copy to the GPU, where ``normalize`` runs on the whole batch."""
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.shortest_edge is None:
             target = [self.height, self.width]
@@ -118,7 +123,11 @@ class ImageTransform:
         resized = tvF.resize(pixels, target, interpolation=self.interpolation, antialias=True)
         if self.shortest_edge is not None:
             resized = tvF.center_crop(resized, [self.height, self.width])
-        return tvF.normalize(resized.to(torch.float32), self.mean, self.std)
+        return resized
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels, one image or a batch, on any device -> the model's float32 input."""
+        return tvF.normalize(pixels.to(torch.float32), self.mean, self.std)
 
 
 _INTERPOLATION = {

@@ -219,7 +219,8 @@ def _lineage(manifest: RoundManifest, round_dir: str) -> str:
             f"<td>{escape(str(value(m)))}</td>" for _, m in reversed(chain)) + "</tr>"
 
     def kept(m, source):
-        return f"{m.totals.kept_by_source.get(source, 0) / max(1, m.totals.texts_by_source.get(source, 0)):.1%}"
+        texts = max(1, m.totals.texts_by_source.get(source, 0))
+        return f"{m.totals.kept_by_source.get(source, 0) / texts:.1%}"
 
     body = (row("images scored", lambda m: m.totals.rows_out)
             + row("rows rejected", lambda m: m.totals.rows_rejected)

@@ -33,12 +33,18 @@ def top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.
     return logits
 
 
-def sample_rows(logits: torch.Tensor, rows: list[torch.Generator]) -> torch.Tensor:
-    """One token per row, by inverse CDF on a uniform drawn from that row's own generator."""
+def row_uniforms(rows: list[torch.Generator], steps: int, device) -> torch.Tensor:
+    """(rows, steps) uniforms, row ``i`` from its own generator, drawn once before decoding:
+    one host-to-device copy instead of a Python call per row at every step. A CPU generator
+    gives the same numbers drawn together or one at a time (``tests/test_captioner.py``)."""
+    return torch.stack([torch.rand(steps, generator=g) for g in rows]).to(device)
+
+
+def sample_rows(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row, by inverse CDF on that row's uniform (``row_uniforms``' column)."""
     probs = logits.float().softmax(dim=-1)
     sorted_probs, sorted_index = torch.sort(probs, dim=-1, descending=True, stable=True)
     cdf = sorted_probs.cumsum(dim=-1)
-    uniform = torch.stack([torch.rand((), generator=g) for g in rows]).to(probs.device)
     pick = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1).contiguous())
     pick = pick.clamp_(max=probs.shape[-1] - 1)
     return torch.gather(sorted_index, 1, pick).squeeze(1)

@@ -16,6 +16,7 @@ from capfilt.models import LoadedModel
 # BLIP pads ITM text to 35 tokens; longer web captions are truncated there.
 MAX_TEXT_TOKENS = 35
 ITM_FIRST_TOKENS = ("enc", "cls")
+CPU_TEXT_BATCH, GPU_TEXT_BATCH = 256, 1024
 
 
 def enc_token_id(tokenizer, text_config) -> int:
@@ -38,7 +39,7 @@ class Scorer:
     """
 
     def __init__(self, loaded: LoadedModel, max_text_tokens: int = MAX_TEXT_TOKENS,
-                 text_batch_size: int = 256, itm_token: str = "enc"):
+                 text_batch_size: int | None = None, itm_token: str = "enc"):
         if itm_token not in ITM_FIRST_TOKENS:
             raise ValueError(f"itm_token {itm_token!r}: use 'enc' or 'cls'")
         self.model = loaded.model
@@ -50,7 +51,10 @@ class Scorer:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.max_text_tokens = max_text_tokens
-        self.text_batch_size = text_batch_size
+        # Texts per pass: on a GPU the passes are launch-bound below a thousand or so; a
+        # chunk's gathered image K/V (texts x 577 tokens x width) bounds it on a CPU.
+        self.text_batch_size = text_batch_size or (
+            GPU_TEXT_BATCH if self.device.type == "cuda" else CPU_TEXT_BATCH)
 
     @torch.inference_mode()
     def __call__(
@@ -68,13 +72,16 @@ class Scorer:
             chunk = flat[start : start + self.text_batch_size]
             index = torch.tensor(owners[start : start + self.text_batch_size], device=self.device)
             if uses_sdpa(self.model):  # the image tokens' cross-attention K/V once per image
-                with image_kv_once(self.model.text_encoder, image_embeds, index) as per_text:
+                # owners ascend: this chunk's images are one slice, and only theirs are projected
+                first, last = owners[start], owners[start + len(chunk) - 1]
+                images = image_embeds[first : last + 1]
+                with image_kv_once(self.model.text_encoder, images, index - first) as per_text:
                     itm, itc = self._score_chunk(chunk, per_text, image_feat[index])
             else:
                 itm, itc = self._score_chunk(chunk, image_embeds[index], image_feat[index])
             itm_parts.append(itm)
             itc_parts.append(itc)
-        itm_flat = torch.cat(itm_parts).tolist()
+        itm_flat = torch.cat(itm_parts).tolist()  # one copy to the host for the batch
         itc_flat = torch.cat(itc_parts).tolist()
         return _regroup(itm_flat, texts), _regroup(itc_flat, texts)
 
@@ -100,7 +107,7 @@ class Scorer:
             encoder_attention_mask=image_mask,
         ).last_hidden_state
         itm = self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
-        return itm.cpu(), itc.cpu()
+        return itm, itc
 
 
 def _regroup(values: list[float], like: list[list[str]]) -> list[list[float]]:

@@ -70,6 +70,7 @@ class StageConfig:
     dtype: str = "float32"
     itm_token: str = "enc"
     decode_threads: int = 2
+    attention: str = "sdpa"  # "eager": Hugging Face's own BLIP attention modules
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,14 +104,16 @@ class CapFiltStage:
         self.policy = policy
         self.caption_transform = caption_transform
         self.filter_transform = filter_transform
-        self.same_transform = filter_transform == caption_transform  # then resize once
+        self.same_transform = filter_transform == caption_transform  # then resize and copy once
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads))
         self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
     @classmethod
     def from_config(cls, config: StageConfig) -> CapFiltStage:
-        captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype)
-        filter_model = load_model(config.filter, "filter", config.device, config.dtype)
+        captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype,
+                                     config.attention)
+        filter_model = load_model(config.filter, "filter", config.device, config.dtype,
+                                  config.attention)
         return cls(
             make_captioner(captioner_model, config.sampling, config.seed),
             make_scorer(filter_model, config.itm_token),
@@ -124,14 +127,24 @@ class CapFiltStage:
         return self.compute(self.prepare(table))
 
     def prepare(self, table: pa.Table) -> Prepared:
-        """The CPU half: decode and transform every image (threads). Runs ahead of ``compute``."""
+        """The CPU half: decode and resize every image (threads) and stack each model's pixels
+        into one uint8 batch, in pinned memory for a GPU. Runs ahead of ``compute``."""
         rows = table.to_pylist()
         prepared = Prepared()
+        caption, filter_ = [], []
         for row, decoded in zip(rows, self.pool.map(self._prepare, rows)):
             if isinstance(decoded, ImageRejected):
                 prepared.rejects.append(reject_row(row, decoded.reason, str(decoded)))
-            else:
-                prepared.good.append((row, *decoded))
+                continue
+            prepared.rows.append(row)
+            caption.append(decoded[0])
+            filter_.append(decoded[1])
+            prepared.sizes.append(decoded[2])
+        if prepared.rows:
+            pin = torch.device(self.captioner.device).type == "cuda"
+            prepared.caption_pixels = stack_pixels(caption, pin)
+            prepared.filter_pixels = (prepared.caption_pixels if self.same_transform
+                                      else stack_pixels(filter_, pin))
         return prepared
 
     def compute(self, prepared: Prepared) -> tuple[pa.Table, pa.Table]:
@@ -141,33 +154,34 @@ class CapFiltStage:
         size that fitted; only an image that fails alone is rejected (``out_of_memory``).
         """
         out, rejects = [], list(prepared.rejects)
-        good = prepared.good
-        step = self.max_rows or len(good) or 1
-        for start in range(0, len(good), step):
-            out += self._score_fitting(good[start : start + step], rejects)
+        step = self.max_rows or len(prepared) or 1
+        for start in range(0, len(prepared), step):
+            out += self._score_fitting(prepared.slice(start, start + step), rejects)
         return (
             pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA),
             pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
         )
 
-    def _score_fitting(self, good: list, rejects: list[dict]) -> list[dict]:
+    def _score_fitting(self, batch: Prepared, rejects: list[dict]) -> list[dict]:
         try:
-            return self._score(good)
+            return self._score(batch)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
             message = " ".join(str(exc).split())[:300]
         release_memory()
-        if len(good) == 1:
-            rejects.append(reject_row(good[0][0], "out_of_memory", message))
+        if len(batch) == 1:
+            rejects.append(reject_row(batch.rows[0], "out_of_memory", message))
             return []
-        half = len(good) // 2
+        half = len(batch) // 2
         self.max_rows = half
-        log.warning("out of memory on %d images; retrying in batches of %d", len(good), half)
-        return self._score_fitting(good[:half], rejects) + self._score_fitting(good[half:], rejects)
+        log.warning("out of memory on %d images; retrying in batches of %d", len(batch), half)
+        return (self._score_fitting(batch.slice(0, half), rejects)
+                + self._score_fitting(batch.slice(half, len(batch)), rejects))
 
     def _prepare(self, row: dict):
-        """Decode once and build both models' pixels; a rejected image comes back as the error."""
+        """Decode once and resize for both models (uint8; normalised later, on the model's
+        device, a batch at a time); a rejected image comes back as the error."""
         if row["status"] != SUCCESS:
             # img2dataset's own status (failed_to_download, failed_to_resize) is the reason.
             return ImageRejected(row["status"] or "failed", row["error_message"] or "no image")
@@ -175,23 +189,37 @@ class CapFiltStage:
             image = decode_image(row["jpg"])
         except ImageRejected as exc:
             return exc
-        caption_pixels = self.caption_transform(image)
+        caption_pixels = self.caption_transform.resize(image)
         filter_pixels = (
             caption_pixels
             if self.same_transform
-            else self.filter_transform(image)
+            else self.filter_transform.resize(image)
         )
         return caption_pixels, filter_pixels, image.size
 
-    def _score(self, good) -> list[dict]:
-        keys = [row["key"] for row, *_ in good]
-        synthetic = self.captioner(torch.stack([g[1] for g in good]), keys)
-        webs = [clean_caption(row["caption"]) for row, *_ in good]
+    def device_pixels(self, batch: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captioner's and the filter's float32 pixels for ``batch``, on their devices.
+
+        uint8 crosses to the GPU (a quarter of float32's bytes, and once when both models
+        share the transform) and is normalised there, the whole batch in one kernel.
+        """
+        caption = self.caption_transform.normalize(
+            batch.caption_pixels.to(self.captioner.device, non_blocking=True))
+        if batch.filter_pixels is batch.caption_pixels:
+            return caption, caption
+        return caption, self.filter_transform.normalize(
+            batch.filter_pixels.to(self.scorer.device, non_blocking=True))
+
+    def _score(self, batch: Prepared) -> list[dict]:
+        keys = [row["key"] for row in batch.rows]
+        caption_pixels, filter_pixels = self.device_pixels(batch)
+        synthetic = self.captioner(caption_pixels, keys)
+        webs = [clean_caption(row["caption"]) for row in batch.rows]
         texts = [([web] if web else []) + caps for web, caps in zip(webs, synthetic)]
-        itm, itc = self.scorer(torch.stack([g[2] for g in good]), texts)
+        itm, itc = self.scorer(filter_pixels, texts)
         out = []
-        for (row, _, _, (width, height)), web, caps, itm_i, itc_i in zip(
-            good, webs, synthetic, itm, itc
+        for row, (width, height), web, caps, itm_i, itc_i in zip(
+            batch.rows, batch.sizes, webs, synthetic, itm, itc
         ):
             offset = 1 if web else 0
             web_itm = itm_i[0] if web else None
@@ -225,6 +253,23 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
+# Measured on a 16-core H100 node (bench/README.md): 16 decode threads decoded 899 to 1,022
+# images/s, 6 threads 1,277; more threads fight the model loop's thread for the GIL.
+MAX_GPU_DECODE_THREADS = 6
+
+
+def gpu_decode_threads(cpus: float, gpus: int) -> int:
+    """Decode threads for a worker that has one of ``gpus`` GPUs on a node of ``cpus`` cores."""
+    return max(2, min(MAX_GPU_DECODE_THREADS, int(cpus // max(1, gpus))))
+
+
+def stack_pixels(images: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """One uint8 batch; in page-locked memory when it goes to a GPU, so the copy is direct
+    and does not hold up the host."""
+    batch = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=pin)
+    return torch.stack(images, out=batch)
+
+
 def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -232,10 +277,24 @@ def release_memory() -> None:
 
 @dataclass
 class Prepared:
-    """A batch after decoding: usable rows with their pixels, and the rows already rejected."""
+    """A batch after decoding: the usable rows, their sizes and stacked uint8 pixels per model
+    (one tensor when both models share the transform), and the rows already rejected."""
 
-    good: list = field(default_factory=list)  # (row, caption pixels, filter pixels, size)
+    rows: list[dict] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    caption_pixels: torch.Tensor | None = None
+    filter_pixels: torch.Tensor | None = None
     rejects: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def slice(self, start: int, end: int) -> Prepared:
+        """Rows ``start:end`` and their pixels (views); no rejects."""
+        caption = self.caption_pixels[start:end]
+        shared = self.filter_pixels is self.caption_pixels
+        return Prepared(self.rows[start:end], self.sizes[start:end], caption,
+                        caption if shared else self.filter_pixels[start:end])
 
 
 def reject_row(row: dict, reason: str, message: str) -> dict:

@@ -12,7 +12,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from capfilt.shard_reader import ReaderOptions
-from capfilt.stage import StageConfig
+from capfilt.stage import StageConfig, gpu_decode_threads
 from manifests import ShardResult, ShardStatus
 from workers.shard_worker import start_workers
 
@@ -60,7 +60,7 @@ def dispatch(
         count = min(workers or gpus, len(todo))
         gpus_each, cpus_each, threads, device = 1.0, 1.0, None, "cuda"
         # The GPU waits on JPEG decoding unless the node's cores decode for it.
-        decode_threads = max(2, int(cpus // gpus))
+        decode_threads = gpu_decode_threads(cpus, gpus)
     else:
         count = max(1, min(workers or 1, len(todo)))
         gpus_each, device = 0.0, "cpu"

@@ -13,8 +13,8 @@ import pyarrow as pa
 from capfilt.models import load_model
 from capfilt.sample_shards import sample_rows
 from capfilt.shard_reader import INPUT_SCHEMA
-from tests.conftest import make_stage
 from capfilt.tiny import write_tiny_models
+from tests.conftest import make_stage
 
 
 def virtual_memory() -> int:
@@ -41,7 +41,7 @@ def main(folder: str, rows: int, headroom_mib: int) -> None:
                        (virtual_memory() + headroom_mib * 2**20, resource.RLIM_INFINITY))
     out, rejects = stage.compute(prepared)
     print(json.dumps({"rows": out.num_rows, "rejects": rejects.column("reason").to_pylist(),
-                      "good": len(prepared.good), "max_rows": stage.max_rows}))
+                      "good": len(prepared), "max_rows": stage.max_rows}))
 
 
 if __name__ == "__main__":

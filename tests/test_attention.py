@@ -74,3 +74,22 @@ def test_captions_match_eager_attention_greedy_and_beam(tiny_models):
         logits_e = eager.model(pixel_values=pixels, input_ids=ids).logits
         logits_f = fast.model(pixel_values=pixels, input_ids=ids).logits
     assert torch.allclose(logits_e, logits_f, atol=1e-5)
+
+
+def test_captions_of_one_image_share_its_cross_attention_keys(tiny_models):
+    """Several sampled captions per image: the same captions as with the image embeddings
+    copied per caption (the eager path), with the image tokens projected once per image."""
+    eager = load_model(str(tiny_models["captioner"]), "captioner", attention="eager")
+    fast = load_model(str(tiny_models["captioner"]), "captioner")
+    sampling = SamplingConfig(num_captions=3, max_new_tokens=8)
+    keys = ["a", "b", "c", "d"]
+    layer = next(m for name, m in fast.model.text_decoder.named_modules()
+                 if name.endswith("crossattention.self"))
+    projected = []
+    hook = layer.key.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[0]))
+    try:
+        shared = Captioner(fast, sampling, seed=0)(_pixels(fast), keys)
+    finally:
+        hook.remove()
+    assert shared == Captioner(eager, sampling, seed=0)(_pixels(eager), keys)
+    assert projected == [4]  # once, at the first step; later steps read the cache

@@ -3,6 +3,8 @@
 import torch
 
 from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.sampling import row_uniforms
+from capfilt.seeding import caption_seed
 
 
 def pixels(n: int, seed: int = 0) -> torch.Tensor:
@@ -67,3 +69,15 @@ def test_task_tokens_never_reach_a_caption(loaded):
     captioner = Captioner(loaded["captioner"], settings, seed=0)
     captions = [c for group in captioner(pixels(8), [str(i) for i in range(8)]) for c in group]
     assert not any("[DEC]" in c or "[ENC]" in c for c in captions)
+
+
+def test_each_rows_uniforms_are_its_generators_draws_one_at_a_time():
+    """The decoder draws all of a row's uniforms before the first step; they are the numbers
+    one draw per step would give, so a caption does not depend on how they were drawn."""
+    seeds = [caption_seed(0, key, 0) for key in ("a", "b", "c")]
+    together = row_uniforms([torch.Generator().manual_seed(s) for s in seeds], 20, "cpu")
+    one_at_a_time = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        one_at_a_time.append(torch.stack([torch.rand((), generator=g) for _ in range(20)]))
+    assert torch.equal(together, torch.stack(one_at_a_time))

@@ -56,3 +56,20 @@ def test_enc_and_cls_give_different_itm_but_the_same_itc(loaded):
     cls_itm, cls_itc = Scorer(loaded["filter"], itm_token="cls")(images, texts)
     assert enc_itc == cls_itc
     assert enc_itm != cls_itm
+
+
+def test_each_text_chunk_projects_only_its_own_images_keys(loaded):
+    """Texts are scored in chunks; a chunk's cross-attention keys come from its own images
+    only, so a big batch does not project every image's tokens once per chunk."""
+    model = loaded["filter"].model
+    layer = next(m for name, m in model.text_encoder.named_modules()
+                 if name.endswith("crossattention.self"))
+    projected = []
+    hook = layer.key.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[0]))
+    try:
+        texts = [["a", "b", "c"], ["d"], [], ["e", "f"]]  # owners 0 0 0 1 3 3
+        Scorer(loaded["filter"], text_batch_size=2)(torch.randn(4, 3, 32, 32), texts)
+    finally:
+        hook.remove()
+    # ITM passes only (the unimodal ITC pass has no cross-attention): chunks [0 0] [0 1] [3 3]
+    assert projected == [1, 2, 1]

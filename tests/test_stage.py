@@ -1,10 +1,12 @@
 """The CapFilt step on rows of real img2dataset shards, without Ray."""
 
 import pyarrow as pa
+import torch
 
+from capfilt.images import decode_image
 from capfilt.sample_shards import draw_shape, jpeg_bytes
-from capfilt.shard_reader import INPUT_SCHEMA, read_shard
 from capfilt.selection import Policy
+from capfilt.shard_reader import INPUT_SCHEMA, read_shard
 from tests.conftest import make_stage
 
 
@@ -68,3 +70,19 @@ def test_policy_only_changes_the_decision_not_the_scores(loaded):
         nothing.drop(["kept_captions", "kept_sources"]))
     assert all(len(k) == 2 for k in everything.column("kept_captions").to_pylist())
     assert all(k == [] for k in nothing.column("kept_captions").to_pylist())
+
+
+def test_decoded_pixels_wait_as_uint8_and_normalise_to_the_processors_input(loaded):
+    """The CPU half keeps a quarter of float32's bytes per image, stacked per batch; the batch
+    normalised on the model's device equals BLIP's transform of each image, bit for bit."""
+    stage = make_stage(loaded)
+    second = jpeg_bytes(draw_shape("square", "blue"))
+    prepared = stage.prepare(rows({"key": "a", "jpg": GOOD}, {"key": "b", "jpg": second}))
+    assert prepared.caption_pixels.dtype == torch.uint8 and len(prepared) == 2
+    caption_pixels, filter_pixels = stage.device_pixels(prepared)
+    expected = torch.stack([stage.caption_transform(decode_image(b)) for b in (GOOD, second)])
+    assert caption_pixels.dtype == torch.float32
+    assert torch.equal(caption_pixels, expected)
+    assert filter_pixels is caption_pixels  # one transform: copied and normalised once
+    later, = stage.device_pixels(prepared.slice(1, 2))[:1]
+    assert torch.equal(later, expected[1:])
