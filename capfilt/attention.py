@@ -98,7 +98,7 @@ def _store_as_is(cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int) 
     at 384 px). They are written once and only read after."""
     cache.update(key[..., :0, :], value[..., :0, :], layer_idx)  # creates the layer, empty
     layer = cache.layers[layer_idx]
-    if isinstance(layer, DynamicLayer):
+    if type(layer) is DynamicLayer:  # not its subclasses (sliding, quantised): they need update
         layer.keys, layer.values = key, value
     else:  # another layer kind: its own update
         cache.update(key, value, layer_idx)

@@ -253,8 +253,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
-# Measured on a 16-core H100 node (bench/README.md): 16 decode threads decoded 899 to 1,022
-# images/s, 6 threads 1,277; more threads fight the model loop's thread for the GIL.
+# Measured on a 16-core H100 node, BLIP-base at batch 1,024 (bench/README.md, one run each):
+# inside a shard, 16 decode threads decoded 738 images/s and slowed the model loop to 2.24 s a
+# batch (1.46 s alone); 6 threads decoded 1,234 images/s with the loop at 1.73 s (1.41 s
+# alone). More threads contend with the model loop's thread for the GIL.
 MAX_GPU_DECODE_THREADS = 6
 
 

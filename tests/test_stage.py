@@ -1,5 +1,7 @@
 """The CapFilt step on rows of real img2dataset shards, without Ray."""
 
+from dataclasses import replace
+
 import pyarrow as pa
 import torch
 
@@ -7,6 +9,7 @@ from capfilt.images import decode_image
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 from capfilt.selection import Policy
 from capfilt.shard_reader import INPUT_SCHEMA, read_shard
+from capfilt.stage import gpu_decode_threads
 from tests.conftest import make_stage
 
 
@@ -86,3 +89,34 @@ def test_decoded_pixels_wait_as_uint8_and_normalise_to_the_processors_input(load
     assert filter_pixels is caption_pixels  # one transform: copied and normalised once
     later, = stage.device_pixels(prepared.slice(1, 2))[:1]
     assert torch.equal(later, expected[1:])
+
+
+def test_a_filter_with_its_own_transform_gets_its_own_pixels_also_after_a_split(loaded):
+    """Captioner and filter at different sizes: each model's batch is its own, and a batch
+    split (as after running out of memory) gives the unsplit batch's captions and, within float
+    tolerance (a CPU matrix product's sums depend on the batch's size), its scores."""
+    stage = make_stage(loaded)
+    stage.filter_transform = replace(stage.filter_transform, height=24, width=24)
+    stage.same_transform = False
+    table = rows(*({"key": f"k{i}", "jpg": jpeg_bytes(draw_shape(shape, colour))}
+                   for i, (shape, colour) in enumerate([("circle", "red"), ("square", "blue"),
+                                                        ("triangle", "green")])))
+    prepared = stage.prepare(table)
+    caption_pixels, filter_pixels = stage.device_pixels(prepared.slice(1, 3))
+    assert caption_pixels.shape[-2:] == (32, 32) and filter_pixels.shape[-2:] == (24, 24)
+    images = [decode_image(b) for b in table.column("jpg").to_pylist()[1:]]
+    assert torch.equal(filter_pixels, torch.stack([stage.filter_transform(i) for i in images]))
+    whole, _ = stage.compute(prepared)
+    stage.max_rows = 1
+    split, _ = stage.compute(prepared)
+    scores = ("web_itm", "web_itc", "synthetic_itm", "synthetic_itc")
+    assert split.drop_columns(list(scores)) == whole.drop_columns(list(scores))
+    for column in scores:
+        got, want = split.column(column).to_pylist(), whole.column(column).to_pylist()
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
+
+
+def test_gpu_workers_decode_on_at_most_six_threads():
+    assert gpu_decode_threads(16, 1) == 6
+    assert gpu_decode_threads(16, 4) == 4
+    assert gpu_decode_threads(2, 4) == 2
