@@ -92,7 +92,7 @@ def capfilt_round(cfg: BootstrapConfig, number: int, models: dict[str, str], out
         sampling=SamplingConfig(num_captions=r.num_captions, top_p=r.top_p,
                                 max_new_tokens=r.max_new_tokens),
         policy=Policy(mode=r.policy, threshold=r.threshold, top_k=r.top_k, rank_by=r.rank_by),
-        seed=cfg.seed, device=cfg.finetune_filter.device,
+        seed=cfg.seed, device=cfg.finetune_filter.device, dtype=r.dtype,
     )
     run_round(RoundOptions(inputs=list(cfg.web), output=str(out), stage=stage,
                            batch_size=r.batch_size, workers=r.workers, round=number,

@@ -9,7 +9,7 @@ Top-level keys name the data and where models start; one table per step sets tha
     [finetune_captioner]  checkpoint_every, log_every; and negative_mix, workers, device
     [finetune_filter]
     [round]               num_captions, threshold, policy, top_k, rank_by, batch_size, workers,
-                          max_new_tokens, top_p
+                          max_new_tokens, top_p, dtype
     [eval]                k, num_beams, max_new_tokens, limit, judge, models
 """
 
@@ -19,6 +19,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from capfilt.models import DTYPES
 from capfilt.train.loop import TrainConfig
 
 
@@ -45,6 +46,11 @@ class RoundSettings:
     max_new_tokens: int = 16
     batch_size: int = 64
     workers: int | None = None
+    dtype: str = "float32"  # the round's models; "bfloat16" on a GPU
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise BootstrapConfigError(f"[round] dtype = {self.dtype!r}: use one of {sorted(DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,14 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
                     '[finetune_filter]\nsteps = 1\n[eval]\nmodels = "zero-shot"\n')
     with pytest.raises(BootstrapConfigError, match="models = 'zero-shot'"):
         load_bootstrap_config(path)
+    path.write_text(path.read_text().replace('models = "zero-shot"', "")
+                    + '[round]\ndtype = "bf16"\n')
+    with pytest.raises(BootstrapConfigError, match="dtype = 'bf16'"):
+        load_bootstrap_config(path)
+
+
+def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16():
+    for name in ("blip-base-paper", "blip2-ranking"):
+        config = load_bootstrap_config(Path(__file__).parents[1] / "pipelines" / "bootstraps"
+                                       / f"{name}.toml")
+        assert config.round.dtype == "bfloat16" and config.finetune_filter.device == "cuda"
