@@ -87,17 +87,22 @@ def capfilt_round(cfg: BootstrapConfig, number: int, models: dict[str, str], out
     if (out / "manifest.json").exists():
         return str(out)
     r = cfg.round
-    stage = StageConfig(
+    run_round(RoundOptions(inputs=list(cfg.web), output=str(out), stage=round_stage(cfg, models),
+                           batch_size=r.batch_size, workers=r.workers, round=number,
+                           parent=parent))
+    return str(out)
+
+
+def round_stage(cfg: BootstrapConfig, models: dict[str, str]) -> StageConfig:
+    """The CapFilt step a round runs: the ``[round]`` settings with the models given."""
+    r = cfg.round
+    return StageConfig(
         captioner=models["captioner"], filter=models["filter"],
         sampling=SamplingConfig(num_captions=r.num_captions, top_p=r.top_p,
                                 max_new_tokens=r.max_new_tokens),
         policy=Policy(mode=r.policy, threshold=r.threshold, top_k=r.top_k, rank_by=r.rank_by),
         seed=cfg.seed, device=cfg.finetune_filter.device, dtype=r.dtype,
     )
-    run_round(RoundOptions(inputs=list(cfg.web), output=str(out), stage=stage,
-                           batch_size=r.batch_size, workers=r.workers, round=number,
-                           parent=parent))
-    return str(out)
 
 
 def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:

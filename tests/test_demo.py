@@ -13,6 +13,7 @@ import pytest
 
 from manifests import validate_manifest
 from manifests.store import read_json
+from pipelines.bootstrap import round_stage
 from pipelines.bootstrap_config import BootstrapConfigError, load_bootstrap_config
 
 STEP_MANIFESTS = [
@@ -100,7 +101,10 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
 
 
 def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16():
+    models = {"captioner": "c", "filter": "f"}
     for name in ("blip-base-paper", "blip2-ranking"):
         config = load_bootstrap_config(Path(__file__).parents[1] / "pipelines" / "bootstraps"
                                        / f"{name}.toml")
-        assert config.round.dtype == "bfloat16" and config.finetune_filter.device == "cuda"
+        stage = round_stage(config, models)
+        assert (stage.dtype, stage.device) == ("bfloat16", "cuda")
+        assert stage.sampling.num_captions == config.round.num_captions

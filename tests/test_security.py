@@ -64,22 +64,22 @@ def test_local_models_never_touch_the_network_and_hub_ids_do(tiny_models):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CountingHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    local_script = ("import sys\nfrom capfilt.models import load_model\n"
-                    "load_model(sys.argv[1], 'captioner'); load_model(sys.argv[2], 'filter')\n")
-    hub_script = ("from capfilt.models import ModelSourceError, check_model_source\n"
-                  "try:\n    check_model_source('someone/blip-captioner', 'captioner')\n"
-                  "except ModelSourceError as exc:\n    print('HUB-REFUSED', exc)\n")
+    # One process (the hub's address is read at import): the local folders load first, then a
+    # hub id is checked. Every request the hub sees must be the hub id's: none for the folders.
+    script = ("import sys\nfrom capfilt.models import ModelSourceError, check_model_source, load_model\n"
+              "load_model(sys.argv[1], 'captioner'); load_model(sys.argv[2], 'filter')\n"
+              "print('LOCAL-LOADED', flush=True)\n"
+              "try:\n    check_model_source('someone/blip-captioner', 'captioner')\n"
+              "except ModelSourceError as exc:\n    print('HUB-REFUSED', exc)\n")
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
     try:
-        local = subprocess.run(
-            [sys.executable, "-c", local_script, str(tiny_models["captioner"]),
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(tiny_models["captioner"]),
              str(tiny_models["filter"])], env=env, capture_output=True, text=True, timeout=120)
-        assert local.returncode == 0, local.stderr[-2000:]
-        assert CountingHub.requests == []  # two local folders: not one request
-        hub = subprocess.run([sys.executable, "-c", hub_script], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert "HUB-REFUSED" in hub.stdout, hub.stderr[-2000:]
-        assert any("someone/blip-captioner" in path for path in CountingHub.requests)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "LOCAL-LOADED" in run.stdout and "HUB-REFUSED" in run.stdout, run.stderr[-2000:]
+        assert CountingHub.requests  # the hub id was looked up on the (local) hub
+        assert all("someone/blip-captioner" in path for path in CountingHub.requests)
     finally:
         server.shutdown()
