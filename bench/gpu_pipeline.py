@@ -43,7 +43,7 @@ from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.selection import Policy  # noqa: E402
 from capfilt.shard_reader import read_shard  # noqa: E402
 from capfilt.shard_runner import run_shard  # noqa: E402
-from capfilt.stage import CapFiltStage, StageConfig, clean_caption, gpu_decode_threads  # noqa: E402
+from capfilt.stage import CapFiltStage, StageConfig, gpu_decode_threads, scored_texts  # noqa: E402
 from capfilt.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
 
 NEW_TOKENS = 20  # min = max: every caption costs the same, whatever the weights
@@ -180,8 +180,7 @@ def phases(stage: CapFiltStage, prepared) -> dict[str, float]:
         filter_vision_s, _ = timed(lambda: scorer.model.vision_model(
             pixel_values=filter_px.to(scorer.dtype)))
     captioner_s, synthetic = timed(lambda: captioner(caption_px, keys))
-    webs = [clean_caption(row["caption"]) for row in prepared.rows]
-    texts = [([web] if web else []) + caps for web, caps in zip(webs, synthetic)]
+    _, texts = scored_texts(prepared.rows, synthetic)
     scorer_s, _ = timed(lambda: scorer(filter_px, texts))
     compute_s, _ = timed(lambda: stage.compute(prepared))
     return {

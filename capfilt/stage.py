@@ -214,8 +214,7 @@ class CapFiltStage:
         keys = [row["key"] for row in batch.rows]
         caption_pixels, filter_pixels = self.device_pixels(batch)
         synthetic = self.captioner(caption_pixels, keys)
-        webs = [clean_caption(row["caption"]) for row in batch.rows]
-        texts = [([web] if web else []) + caps for web, caps in zip(webs, synthetic)]
+        webs, texts = scored_texts(batch.rows, synthetic)
         itm, itc = self.scorer(filter_pixels, texts)
         out = []
         for row, (width, height), web, caps, itm_i, itc_i in zip(
@@ -246,6 +245,13 @@ class CapFiltStage:
                 }
             )
         return out
+
+
+def scored_texts(rows: list[dict], synthetic: list[list[str]]):
+    """Each row's cleaned web caption (None if empty) and the texts the filter scores for it:
+    the web caption, when there is one, then its synthetic captions."""
+    webs = [clean_caption(row["caption"]) for row in rows]
+    return webs, [([web] if web else []) + caps for web, caps in zip(webs, synthetic)]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
