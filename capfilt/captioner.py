@@ -14,8 +14,15 @@ import torch
 
 from capfilt.attention import captions_share_image, uses_sdpa
 from capfilt.models import LoadedModel
-from capfilt.sampling import apply_repetition_penalty, row_uniforms, sample_rows, top_k_top_p
+from capfilt.sampling import (
+    apply_repetition_penalty,
+    row_uniforms,
+    sample_candidates,
+    sample_rows,
+    top_k_top_p,
+)
 from capfilt.seeding import generators
+from capfilt.transfer import LaterFlag
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,12 @@ class Captioner:
         self.task_ids = {self.bos_id, self.bos_id + 1}
         ids = self.tokenizer(sampling.prompt, add_special_tokens=True).input_ids[:-1]
         self.prompt_ids = torch.tensor([self.bos_id] + ids[1:], device=self.device)
+        # Stop checks a step late on a GPU: reading "all finished" at once would drain the queue
+        # every step (the host then launches the next step onto an idle GPU). The late check
+        # costs one decoding step per batch, whose tokens are padding past every caption's end.
+        self.late_stop_check = self.device.type == "cuda"
+        # top-k: sample among the top-k tokens only, not over the whole vocabulary (sampling.py)
+        self.candidates = sampling.top_k is not None and 0 < sampling.top_k < text_config.vocab_size
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[str]]:
@@ -94,21 +107,26 @@ class Captioner:
         else:
             embeds = image_embeds.repeat_interleave(cfg.num_captions, dim=0)
             shared = nullcontext()
-        image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        sequence = self.prompt_ids.unsqueeze(0).repeat(captions, 1)
-        finished = torch.zeros(captions, dtype=torch.bool, device=self.device)
         uniforms = row_uniforms(rows, cfg.max_new_tokens, self.device)
         with shared:
-            return self._sample_loop(embeds, image_mask, sequence, finished, uniforms)
+            tokens, held = self._sample_loop(embeds, captions, uniforms, self.candidates)
+            if not bool(held):  # a k-th logit with more ties than TIE_ROOM: the whole vocabulary
+                tokens, _ = self._sample_loop(embeds, captions, uniforms, candidates=False)
+        return tokens
 
-    def _sample_loop(self, embeds, image_mask, sequence, finished, uniforms) -> torch.Tensor:
+    def _sample_loop(self, embeds, captions: int, uniforms, candidates: bool):
+        """(new tokens per caption, whether every step's candidates held their ties)."""
         cfg = self.sampling
-        step_input, cache = sequence, None
+        sequence = self.prompt_ids.unsqueeze(0).repeat(captions, 1)
+        finished = torch.zeros(captions, dtype=torch.bool, device=self.device)
+        held = torch.ones((), dtype=torch.bool, device=self.device)
+        step_input, cache, all_done = sequence, None, None
         for step in range(cfg.max_new_tokens):
+            # No image mask: every image token is attended, and transformers would check an
+            # all-ones mask at each step (``mask.all()``), waiting for the GPU's queue.
             out = self.model.text_decoder(
                 input_ids=step_input,
                 encoder_hidden_states=embeds,
-                encoder_attention_mask=image_mask,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -118,15 +136,22 @@ class Captioner:
             apply_repetition_penalty(logits, sequence, cfg.repetition_penalty)
             if step < cfg.min_new_tokens:
                 logits[:, self.eos_id] = float("-inf")
-            logits = top_k_top_p(logits, cfg.top_k, cfg.top_p)
-            token = sample_rows(logits, uniforms[:, step])
+            if candidates:
+                token, step_held = sample_candidates(logits, cfg.top_k, cfg.top_p, uniforms[:, step])
+                held &= step_held
+            else:
+                token = sample_rows(top_k_top_p(logits, cfg.top_k, cfg.top_p), uniforms[:, step])
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
             sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
             finished |= token == self.eos_id
-            if bool(finished.all()):
+            if self.late_stop_check:  # the previous step's answer, then queue this one's
+                if all_done is not None and all_done.value():
+                    break
+                all_done = LaterFlag(finished.all())
+            elif bool(finished.all()):
                 break
             step_input = token.unsqueeze(1)
-        return sequence[:, self.prompt_ids.numel() :]
+        return sequence[:, self.prompt_ids.numel() :], held
 
     def _beam(self, image_embeds: torch.Tensor) -> torch.Tensor:
         cfg = self.sampling

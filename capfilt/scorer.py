@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from capfilt.attention import image_kv_once, uses_sdpa
 from capfilt.models import LoadedModel
+from capfilt.transfer import to_device
 
 # BLIP pads ITM text to 35 tokens; longer web captions are truncated there.
 MAX_TEXT_TOKENS = 35
@@ -67,47 +68,72 @@ class Scorer:
             return [[] for _ in texts], [[] for _ in texts]
         image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))[0]
         image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        # Tokenised while a GPU runs the vision tower; each chunk's tensors then cross without
+        # waiting for the queue (capfilt.transfer), so nothing drains it before the last chunk.
+        ids = self.tokenizer(flat, truncation=True, max_length=self.max_text_tokens).input_ids
         itm_parts, itc_parts = [], []
         for start in range(0, len(flat), self.text_batch_size):
-            chunk = flat[start : start + self.text_batch_size]
-            index = torch.tensor(owners[start : start + self.text_batch_size], device=self.device)
+            chunk_owners = owners[start : start + self.text_batch_size]
+            chunk_ids = ids[start : start + self.text_batch_size]
+            tokens, mask = (to_device(t, self.device) for t in
+                            pad_right(chunk_ids, self.tokenizer.pad_token_id))
+            padded = min(map(len, chunk_ids)) < max(map(len, chunk_ids))
+            mask = padding_bias(mask, self.dtype) if padded else None
+            index = to_device(torch.tensor(chunk_owners), self.device)
             if uses_sdpa(self.model):  # the image tokens' cross-attention K/V once per image
                 # owners ascend: this chunk's images are one slice, and only theirs are projected
-                first, last = owners[start], owners[start + len(chunk) - 1]
+                first, last = chunk_owners[0], chunk_owners[-1]
                 images = image_embeds[first : last + 1]
                 with image_kv_once(self.model.text_encoder, images, index - first) as per_text:
-                    itm, itc = self._score_chunk(chunk, per_text, image_feat[index])
+                    itm, itc = self._score_chunk(tokens, mask, per_text, image_feat[index])
             else:
-                itm, itc = self._score_chunk(chunk, image_embeds[index], image_feat[index])
+                itm, itc = self._score_chunk(tokens, mask, image_embeds[index], image_feat[index])
             itm_parts.append(itm)
             itc_parts.append(itc)
-        itm_flat = torch.cat(itm_parts).tolist()  # one copy to the host for the batch
-        itc_flat = torch.cat(itc_parts).tolist()
+        # one copy to the host for the batch
+        itm_flat, itc_flat = torch.stack([torch.cat(itm_parts), torch.cat(itc_parts)]).tolist()
         return _regroup(itm_flat, texts), _regroup(itc_flat, texts)
 
-    def _score_chunk(self, chunk: list[str], embeds: torch.Tensor, image_feat: torch.Tensor):
-        tokens = self.tokenizer(
-            chunk, padding="longest", truncation=True, max_length=self.max_text_tokens,
-            return_tensors="pt",
-        ).to(self.device)
-        text_out = self.model.text_encoder(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        ).last_hidden_state
+    def _score_chunk(self, tokens: torch.Tensor, mask: torch.Tensor | None, embeds: torch.Tensor,
+                     image_feat: torch.Tensor):
+        # Masks as transformers would make them, made here: given a 2D mask, transformers first
+        # asks whether it masks anything (``mask.all()``), which waits for the GPU's queue.
+        # Every image token is attended, so the image mask is None (what an all-ones mask
+        # becomes there), and ``mask`` is None or ``padding_bias``'s 4D mask.
+        text_out = self.model.text_encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
         text_feat = F.normalize(self.model.text_proj(text_out[:, 0, :]).float(), dim=-1)
         itc = (image_feat * text_feat).sum(dim=-1)
-        image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        itm_ids = tokens.input_ids
+        itm_ids = tokens
         if self.itm_first_id is not None:
             itm_ids = itm_ids.clone()
             itm_ids[:, 0] = self.itm_first_id
         fused = self.model.text_encoder(
             input_ids=itm_ids,
-            attention_mask=tokens.attention_mask,
+            attention_mask=mask,
             encoder_hidden_states=embeds,
-            encoder_attention_mask=image_mask,
         ).last_hidden_state
         itm = self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
         return itm, itc
+
+
+def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(texts, 1, tokens, tokens) additive mask from a 2D padding mask: 0 where a token is
+    seen, the dtype's minimum where it is padding; transformers' ``eager_mask`` for BLIP."""
+    rows, width = mask.shape
+    seen = mask.bool()[:, None, None, :].expand(rows, 1, width, width)
+    return torch.where(seen, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, attention mask), padded on the right to the longest row: what
+    the tokenizer's ``padding="longest"`` gives for one chunk (BERT pads on the right)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def _regroup(values: list[float], like: list[list[str]]) -> list[list[float]]:

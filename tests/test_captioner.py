@@ -3,7 +3,14 @@
 import torch
 
 from capfilt.captioner import Captioner, SamplingConfig
-from capfilt.sampling import row_uniforms
+from capfilt.sampling import (
+    TIE_ROOM,
+    apply_repetition_penalty,
+    row_uniforms,
+    sample_candidates,
+    sample_rows,
+    top_k_top_p,
+)
 from capfilt.seeding import caption_seed
 
 
@@ -81,3 +88,84 @@ def test_each_rows_uniforms_are_its_generators_draws_one_at_a_time():
         g = torch.Generator().manual_seed(seed)
         one_at_a_time.append(torch.stack([torch.rand((), generator=g) for _ in range(20)]))
     assert torch.equal(together, torch.stack(one_at_a_time))
+
+
+def test_a_stop_check_one_step_late_writes_the_same_captions(loaded):
+    """On a GPU the "all finished" check reads the previous step's answer, so that the host
+    never waits for the queue mid-decoding: the captions must not change, at one extra step."""
+    model = loaded["captioner"].model
+    eos = model.config.text_config.sep_token_id
+    bias = model.text_decoder.cls.predictions.decoder.bias
+    saved = bias.detach().clone()
+    calls = []
+    hook = model.text_decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            bias[eos] += 6.0  # most captions end within a few tokens, all before the limit
+        settings = SamplingConfig(max_new_tokens=30, num_captions=2)
+        captions, steps = {}, {}
+        for late in (False, True):
+            captioner = Captioner(loaded["captioner"], settings, seed=3)
+            captioner.late_stop_check = late
+            calls.clear()
+            captions[late] = captioner(pixels(5, seed=4), [f"k{i}" for i in range(5)])
+            steps[late] = len(calls)
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert steps[False] < settings.max_new_tokens  # the early stop was reached
+    assert steps[True] == steps[False] + 1
+    assert captions[True] == captions[False]
+    assert any(len(c.split()) > 1 for row in captions[False] for c in row)
+
+
+def bf16_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Peaked logits rounded to bfloat16 (ties near the k-th are common), some then divided
+    by a repetition penalty, in float32 as the sampler gets them."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 3).to(torch.bfloat16).float()
+    seen = torch.randint(0, vocab, (rows, 6), generator=g)
+    apply_repetition_penalty(logits, seen, 1.1)
+    return logits
+
+
+def test_sampling_among_the_top_k_draws_what_the_whole_vocabulary_draws():
+    vocab, top_k, top_p = 30524, 50, 0.9
+    logits = bf16_logits(2048, vocab, seed=5)
+    uniform = torch.rand(2048, generator=torch.Generator().manual_seed(6))
+    full = sample_rows(top_k_top_p(logits, top_k, top_p), uniform)
+    fast, held = sample_candidates(logits, top_k, top_p, uniform)
+    assert bool(held)
+    assert torch.equal(fast, full)
+    # ties at the k-th logit were there to be broken (by token id, as the full sort does)
+    kth = torch.topk(logits, top_k).values[:, -1:]
+    assert ((logits == kth).sum(dim=1) > 1).sum() > 50
+    # a row whose k-th logit has more ties than the candidates hold is reported
+    logits[7] = 0.0
+    _, held = sample_candidates(logits, top_k, top_p, uniform)
+    assert not bool(held)
+
+
+def test_captions_fall_back_to_the_whole_vocabulary_when_ties_overflow(loaded):
+    """A decoder whose logits are all equal ties every token: the candidates cannot hold the
+    ties, and the captions must be those of sampling over the whole vocabulary."""
+    model = loaded["captioner"].model
+    head = model.text_decoder.cls.predictions
+    saved = {name: p.detach().clone() for name, p in head.named_parameters()}
+    vocab = model.config.text_config.vocab_size
+    settings = SamplingConfig(top_k=4, max_new_tokens=6)  # top-k + TIE_ROOM < vocab
+    assert settings.top_k + TIE_ROOM < vocab
+    try:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.zero_()
+        captioner = Captioner(loaded["captioner"], settings, seed=1)
+        assert captioner.candidates
+        fast = captioner(pixels(3), ["a", "b", "c"])
+        captioner.candidates = False
+        assert fast == captioner(pixels(3), ["a", "b", "c"])
+    finally:
+        with torch.no_grad():
+            for name, p in head.named_parameters():
+                p.copy_(saved[name])

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from capfilt.scorer import Scorer
+from capfilt.scorer import MAX_TEXT_TOKENS, Scorer, pad_right
 
 
+@pytest.mark.parametrize("text_batch", [256, 1])  # padded chunks; one text, no padding
 @pytest.mark.parametrize("itm_token", ["cls", "enc"])
-def test_scores_equal_transformers_per_pair(loaded, itm_token):
+def test_scores_equal_transformers_per_pair(loaded, itm_token, text_batch):
     """'cls' is HF's forward as it is; 'enc' is HF's forward with BLIP's [ENC] first."""
-    scorer = Scorer(loaded["filter"], itm_token=itm_token)
+    scorer = Scorer(loaded["filter"], itm_token=itm_token, text_batch_size=text_batch)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     texts = [["a red circle", "a blue square on the left"], ["two dogs"],
              ["x", "a picture of a cat", "the sky " * 40]]
@@ -73,3 +74,16 @@ def test_each_text_chunk_projects_only_its_own_images_keys(loaded):
         hook.remove()
     # ITM passes only (the unimodal ITC pass has no cross-attention): chunks [0 0] [0 1] [3 3]
     assert projected == [1, 2, 1]
+
+
+def test_chunks_are_padded_as_the_tokenizer_pads_them(loaded):
+    """The scorer tokenises a batch once and pads each chunk itself (``pad_right``): ids and
+    mask must equal the tokenizer's own ``padding="longest"``, truncation included."""
+    tokenizer = loaded["filter"].processor.tokenizer
+    texts = ["a", "a red circle on a blue ground", "word " * 60, "", "two  spaces"]
+    ids = tokenizer(texts, truncation=True, max_length=MAX_TEXT_TOKENS).input_ids
+    expected = tokenizer(texts, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS,
+                         return_tensors="pt")
+    got_ids, got_mask = pad_right(ids, tokenizer.pad_token_id)
+    assert torch.equal(got_ids, expected.input_ids)
+    assert torch.equal(got_mask, expected.attention_mask)
