@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from capfilt.attention import use_sdpa
+from capfilt.patch_embedding import patches_as_products
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
@@ -126,6 +127,8 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
             "hold tensors (only safetensors or torch.load(weights_only=True) files load)"
         ) from exc
     model = model.to(device).eval()
+    if torch.device(device).type == "cuda":  # cuDNN's convolution there: capfilt/patch_embedding.py
+        patches_as_products(model)
     if attention == "sdpa":
         use_sdpa(model)
     processor_class = BlipProcessor if isinstance(model, MODEL_CLASSES[role]) else AutoProcessor
