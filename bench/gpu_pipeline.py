@@ -39,11 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from capfilt.captioner import SamplingConfig  # noqa: E402
+from capfilt.decoding import gpu_decoders  # noqa: E402
 from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.selection import Policy  # noqa: E402
 from capfilt.shard_reader import read_shard  # noqa: E402
 from capfilt.shard_runner import run_shard  # noqa: E402
-from capfilt.stage import CapFiltStage, StageConfig, gpu_decode_threads, scored_texts  # noqa: E402
+from capfilt.stage import CapFiltStage, StageConfig, scored_texts  # noqa: E402
 from capfilt.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
 
 NEW_TOKENS = 20  # min = max: every caption costs the same, whatever the weights
@@ -207,6 +208,11 @@ def profile_table(stage: CapFiltStage, prepared, rows: int = 25) -> str:
                   if e.device_type == torch.autograd.DeviceType.CUDA)
     header = (f"wall {wall * 1e3:.1f} ms (profiled), device busy {busy_us / 1e3:.1f} ms "
               f"({busy_us / 1e6 / wall:.0%} of the wall)\n")
+    # Host time in CUDA runtime calls: a synchronising copy or wait shows up here as its wait.
+    runtime = sorted((e for e in events if e.key.startswith("cuda")),
+                     key=lambda e: -e.self_cpu_time_total)[:8]
+    header += "host, CUDA runtime calls: " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ms x{e.count}" for e in runtime) + "\n"
     return header + events.table(sort_by="self_device_time_total", row_limit=rows)
 
 
@@ -221,13 +227,23 @@ def measure(size: str, recipe: str, batch: int, models: dict[str, str], shard: s
     stage = CapFiltStage.from_config(StageConfig(
         captioner=models["captioner"], filter=models["filter"], sampling=sampling, policy=policy,
         device=args.device, dtype=args.dtype, decode_threads=args.decode_threads,
-        attention=args.attention))
+        decode_processes=args.decode_processes, attention=args.attention))
     weights = torch.cuda.memory_allocated() if cuda else None
     table = read_shard(shard).table.slice(0, batch)
     stage.prepare(table)  # warms the decode threads and the pinned-memory cache
     prepare_s, prepared = timed(partial(stage.prepare, table))  # decoding alone
     images = len(prepared)
+    with FlopCounterMode(display=False) as counter:  # before any compile: eager ops are counted
+        stage.compute(prepared)
+    flops = counter.get_total_flops() / images
+    by_module = {name: sum(ops.values()) / images / 1e9  # top-level modules: where the work goes
+                 for name, ops in counter.get_flop_counts().items() if "." not in name}
+    by_module.pop("Global", None)
+    if args.compile:  # the A/B of torch.compile on both vision towers: the first batch compiles, timed apart
+        for model in (stage.captioner.model, stage.scorer.model):
+            model.vision_model = torch.compile(model.vision_model, dynamic=False)
 
+    compile_s, _ = timed(partial(stage.compute, prepared)) if args.compile else (None, None)
     for _ in range(args.warmup):
         stage.compute(prepared)
     synchronize()
@@ -253,16 +269,12 @@ def measure(size: str, recipe: str, batch: int, models: dict[str, str], shard: s
             out.write(f"\n## {size} {recipe} batch {batch} attention {args.attention}\n")
             out.write(profile_table(stage, prepared) + "\n")
 
-    with FlopCounterMode(display=False) as counter:
-        stage.compute(prepared)
-    flops = counter.get_total_flops() / images
-    by_module = {name: sum(ops.values()) / images / 1e9  # top-level modules: where the work goes
-                 for name, ops in counter.get_flop_counts().items() if "." not in name}
-    by_module.pop("Global", None)
 
     figures = {
         "model": size, "recipe": recipe, "texts_per_image": 1 + sampling.num_captions,
-        "attention": args.attention,
+        "attention": args.attention, "compiled_vision": args.compile,
+        "decode_processes": args.decode_processes,
+        "first_compiled_batch_seconds": compile_s,
         "batch_size": batch, "batch_after_oom_backoff": stage.max_rows,
         "timed_batches": args.batches, "warmup_batches": args.warmup,
         "gflops_per_image": flops / 1e9, "gflops_per_image_by_module": by_module,
@@ -283,6 +295,7 @@ def measure(size: str, recipe: str, batch: int, models: dict[str, str], shard: s
         tflops = figures[f"{kind}_images_per_s"] * flops / 1e12
         figures[f"{kind}_tflops"] = tflops
         figures[f"{kind}_fraction_of_peak"] = tflops / args.peak_tflops if args.peak_tflops else None
+    stage.close()
     del stage, prepared
     gc.collect()
     if cuda:
@@ -336,6 +349,8 @@ def main() -> None:
                         help="images per batch; several values measure each")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                         help="eager: Hugging Face's own BLIP attention (the A/B)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both vision towers (the A/B; compiled before timing)")
     parser.add_argument("--profile", default=None,
                         help="append torch.profiler's top operators per configuration to this file")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per configuration")
@@ -344,9 +359,11 @@ def main() -> None:
                         help="the pipeline's shard holds this many batches of images ...")
     parser.add_argument("--max-shard-images", type=int, default=8192,
                         help="... but no more images than this")
-    parser.add_argument("--decode-threads", type=int,
-                        default=gpu_decode_threads(os.cpu_count() or 2, 1),
-                        help="JPEG decode threads (default: what a Ray worker on this node gets)")
+    parser.add_argument("--decode-processes", type=int, default=gpu_decoders(os.cpu_count() or 2, 1),
+                        help="JPEG decoding processes (default: what a Ray GPU worker on this node "
+                             "gets); 0 decodes in threads")
+    parser.add_argument("--decode-threads", type=int, default=6,
+                        help="JPEG decode threads, with --decode-processes 0 (the A/B)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the card's bf16 dense peak; default from the device name")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/gpu-<card>.json)")
@@ -354,7 +371,7 @@ def main() -> None:
     start = time.perf_counter()
 
     if args.smoke:
-        args.device, args.dtype, args.decode_threads = "cpu", "float32", 2
+        args.device, args.dtype, args.decode_threads, args.decode_processes = "cpu", "float32", 2, 0
         args.batch, args.warmup, args.batches, args.shard_batches = [4], 1, 2, 2
         torch.set_num_threads(1)  # tiny ops: OpenMP hand-offs on shared cores cost 50x the math
         card = "cpu-smoke"

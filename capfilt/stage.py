@@ -1,6 +1,6 @@
 """The CapFilt step: input rows -> (scored rows, reject rows), both Arrow tables.
 
-Decode each image once (in threads), caption it, score the web caption and every synthetic
+Decode each image once (capfilt/decoding.py), caption it, score the web caption and every synthetic
 caption, and record what the policy keeps. The same object runs in a test, in a plain loop
 and inside a Ray actor.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -18,12 +17,12 @@ import torch
 
 from capfilt.captioner import Captioner, SamplingConfig
 from capfilt.captioners import make_captioner
-from capfilt.images import ImageRejected, ImageTransform, decode_image
+from capfilt.decoding import ProcessDecoder, ThreadDecoder
+from capfilt.images import ImageRejected, ImageTransform
 from capfilt.models import load_model
 from capfilt.scorer import Scorer
 from capfilt.scorers import make_scorer
 from capfilt.selection import Policy, candidates, select
-from capfilt.shard_reader import SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class StageConfig:
     dtype: str = "float32"
     itm_token: str = "enc"
     decode_threads: int = 2
+    decode_processes: int = 0  # > 0: decode in processes, not threads (GPU workers)
     attention: str = "sdpa"  # "eager": Hugging Face's own BLIP attention modules
 
     def to_dict(self) -> dict:
@@ -98,14 +98,16 @@ class CapFiltStage:
 
     def __init__(self, captioner: Captioner, scorer: Scorer, policy: Policy,
                  caption_transform: ImageTransform, filter_transform: ImageTransform,
-                 decode_threads: int = 2):
+                 decode_threads: int = 2, decode_processes: int = 0):
         self.captioner = captioner
         self.scorer = scorer
         self.policy = policy
         self.caption_transform = caption_transform
         self.filter_transform = filter_transform
-        self.same_transform = filter_transform == caption_transform  # then resize and copy once
-        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads))
+        # decode_processes > 0: decoding in that many processes (GPU workers: capfilt/decoding.py)
+        self.decoder = (ProcessDecoder(caption_transform, filter_transform, decode_processes)
+                        if decode_processes else
+                        ThreadDecoder(caption_transform, filter_transform, decode_threads))
         self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
     @classmethod
@@ -121,30 +123,30 @@ class CapFiltStage:
             ImageTransform.from_processor(captioner_model.processor.image_processor),
             ImageTransform.from_processor(filter_model.processor.image_processor),
             config.decode_threads,
+            config.decode_processes,
         )
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         return self.compute(self.prepare(table))
 
+    def close(self) -> None:
+        """Stop the decoding threads or processes."""
+        self.decoder.close()
+
     def prepare(self, table: pa.Table) -> Prepared:
-        """The CPU half: decode and resize every image (threads) and stack each model's pixels
-        into one uint8 batch, in pinned memory for a GPU. Runs ahead of ``compute``."""
+        """The CPU half: decode and resize every image (threads or processes) and stack each
+        model's pixels into one uint8 batch, in pinned memory for a GPU. Runs ahead of
+        ``compute``."""
         rows = table.to_pylist()
-        prepared = Prepared()
-        caption, filter_ = [], []
-        for row, decoded in zip(rows, self.pool.map(self._prepare, rows)):
-            if isinstance(decoded, ImageRejected):
-                prepared.rejects.append(reject_row(row, decoded.reason, str(decoded)))
-                continue
-            prepared.rows.append(row)
-            caption.append(decoded[0])
-            filter_.append(decoded[1])
-            prepared.sizes.append(decoded[2])
-        if prepared.rows:
-            pin = torch.device(self.captioner.device).type == "cuda"
-            prepared.caption_pixels = stack_pixels(caption, pin)
-            prepared.filter_pixels = (prepared.caption_pixels if self.same_transform
-                                      else stack_pixels(filter_, pin))
+        decoded = self.decoder(rows, pin=torch.device(self.captioner.device).type == "cuda")
+        prepared = Prepared(caption_pixels=decoded.caption_pixels,
+                            filter_pixels=decoded.filter_pixels)
+        for row, outcome in zip(rows, decoded.outcomes):
+            if isinstance(outcome, ImageRejected):
+                prepared.rejects.append(reject_row(row, outcome.reason, str(outcome)))
+            else:
+                prepared.rows.append(row)
+                prepared.sizes.append(outcome)
         return prepared
 
     def compute(self, prepared: Prepared) -> tuple[pa.Table, pa.Table]:
@@ -178,24 +180,6 @@ class CapFiltStage:
         log.warning("out of memory on %d images; retrying in batches of %d", len(batch), half)
         return (self._score_fitting(batch.slice(0, half), rejects)
                 + self._score_fitting(batch.slice(half, len(batch)), rejects))
-
-    def _prepare(self, row: dict):
-        """Decode once and resize for both models (uint8; normalised later, on the model's
-        device, a batch at a time); a rejected image comes back as the error."""
-        if row["status"] != SUCCESS:
-            # img2dataset's own status (failed_to_download, failed_to_resize) is the reason.
-            return ImageRejected(row["status"] or "failed", row["error_message"] or "no image")
-        try:
-            image = decode_image(row["jpg"])
-        except ImageRejected as exc:
-            return exc
-        caption_pixels = self.caption_transform.resize(image)
-        filter_pixels = (
-            caption_pixels
-            if self.same_transform
-            else self.filter_transform.resize(image)
-        )
-        return caption_pixels, filter_pixels, image.size
 
     def device_pixels(self, batch: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
         """The captioner's and the filter's float32 pixels for ``batch``, on their devices.
@@ -257,25 +241,6 @@ def scored_texts(rows: list[dict], synthetic: list[list[str]]):
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
-
-
-# Measured on a 16-core H100 node, BLIP-base at batch 1,024 (bench/README.md, one run each):
-# inside a shard, 16 decode threads decoded 738 images/s and slowed the model loop to 2.24 s a
-# batch (1.46 s alone); 6 threads decoded 1,234 images/s with the loop at 1.73 s (1.41 s
-# alone). More threads contend with the model loop's thread for the GIL.
-MAX_GPU_DECODE_THREADS = 6
-
-
-def gpu_decode_threads(cpus: float, gpus: int) -> int:
-    """Decode threads for a worker that has one of ``gpus`` GPUs on a node of ``cpus`` cores."""
-    return max(2, min(MAX_GPU_DECODE_THREADS, int(cpus // max(1, gpus))))
-
-
-def stack_pixels(images: list[torch.Tensor], pin: bool) -> torch.Tensor:
-    """One uint8 batch; in page-locked memory when it goes to a GPU, so the copy is direct
-    and does not hold up the host."""
-    batch = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=pin)
-    return torch.stack(images, out=batch)
 
 
 def release_memory() -> None:

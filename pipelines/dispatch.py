@@ -11,8 +11,9 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from capfilt.decoding import gpu_decoders
 from capfilt.shard_reader import ReaderOptions
-from capfilt.stage import StageConfig, gpu_decode_threads
+from capfilt.stage import StageConfig
 from manifests import ShardResult, ShardStatus
 from workers.shard_worker import start_workers
 
@@ -59,16 +60,18 @@ def dispatch(
     if gpus:
         count = min(workers or gpus, len(todo))
         gpus_each, cpus_each, threads, device = 1.0, 1.0, None, "cuda"
-        # The GPU waits on JPEG decoding unless the node's cores decode for it.
-        decode_threads = gpu_decode_threads(cpus, gpus)
+        # The GPU waits on JPEG decoding unless the node's cores decode for it, in processes:
+        # decode threads take the GIL from the model loop (capfilt/decoding.py).
+        decode_threads, decode_processes = config.decode_threads, gpu_decoders(cpus, gpus)
     else:
         count = max(1, min(workers or 1, len(todo)))
         gpus_each, device = 0.0, "cpu"
         # Fractional CPUs: actors must not take every CPU slot from Ray's own tasks.
         cpus_each = min(1.0, cpus / (2 * count))
         threads = max(1, int(cpus) // count)
-        decode_threads = config.decode_threads
-    config = replace(config, device=device, decode_threads=decode_threads)
+        decode_threads, decode_processes = config.decode_threads, 0
+    config = replace(config, device=device, decode_threads=decode_threads,
+                     decode_processes=decode_processes)
     pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)
     for label in range(count):
         on_worker(label, "loading")

@@ -5,11 +5,12 @@ from dataclasses import replace
 import pyarrow as pa
 import torch
 
+from capfilt.decoding import gpu_decoders
 from capfilt.images import decode_image
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 from capfilt.selection import Policy
 from capfilt.shard_reader import INPUT_SCHEMA, read_shard
-from capfilt.stage import gpu_decode_threads
+from capfilt.stage import CapFiltStage
 from tests.conftest import make_stage
 
 
@@ -96,8 +97,8 @@ def test_a_filter_with_its_own_transform_gets_its_own_pixels_also_after_a_split(
     split (as after running out of memory) gives the unsplit batch's captions and, within float
     tolerance (a CPU matrix product's sums depend on the batch's size), its scores."""
     stage = make_stage(loaded)
-    stage.filter_transform = replace(stage.filter_transform, height=24, width=24)
-    stage.same_transform = False
+    stage = CapFiltStage(stage.captioner, stage.scorer, stage.policy, stage.caption_transform,
+                         replace(stage.filter_transform, height=24, width=24))
     table = rows(*({"key": f"k{i}", "jpg": jpeg_bytes(draw_shape(shape, colour))}
                    for i, (shape, colour) in enumerate([("circle", "red"), ("square", "blue"),
                                                         ("triangle", "green")])))
@@ -116,7 +117,7 @@ def test_a_filter_with_its_own_transform_gets_its_own_pixels_also_after_a_split(
         assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
 
 
-def test_gpu_workers_decode_on_at_most_six_threads():
-    assert gpu_decode_threads(16, 1) == 6
-    assert gpu_decode_threads(16, 4) == 4
-    assert gpu_decode_threads(2, 4) == 2
+def test_gpu_workers_decode_in_at_most_six_processes():
+    assert gpu_decoders(16, 1) == 6
+    assert gpu_decoders(16, 4) == 4
+    assert gpu_decoders(2, 4) == 2

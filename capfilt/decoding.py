@@ -1,0 +1,210 @@
+"""A batch's images decoded once and resized for both models, in threads or in processes.
+
+Threads suit a CPU worker: the models use the cores, and decoding is a small share. On a GPU
+worker the model loop is one Python thread launching thousands of kernels per batch, and
+decode threads take the GIL from it between launches: at 1,024 images per batch on an H100,
+the loop ran 1.8 s a batch inside a shard against 1.3 s alone (bench/README.md). There,
+``ProcessDecoder`` decodes in worker processes into shared memory, and the model process only
+copies the finished batch into pinned memory.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import torch
+
+from capfilt.images import ImageRejected, ImageTransform, decode_image
+from capfilt.shard_reader import SUCCESS
+
+# Measured on a 16-core H100 node, BLIP-base at batch 1,024 (bench/README.md, one run each):
+# in threads, 16 decoded 738 images/s inside a shard and slowed the model loop to 2.24 s a
+# batch (1.46 s alone), 6 threads 1,234 images/s and 1.73 s; in processes, the shard ran at
+# 597 images/s with 6 and 559 with 12 (492 with 6 threads, same code and lease).
+MAX_GPU_DECODERS = 6
+
+
+def gpu_decoders(cpus: float, gpus: int) -> int:
+    """Decoding processes for a worker that has one of ``gpus`` GPUs on a node of ``cpus`` cores."""
+    return max(2, min(MAX_GPU_DECODERS, int(cpus // max(1, gpus))))
+
+
+@dataclass
+class Decoded:
+    """Per input row its (width, height) or its ``ImageRejected``; the accepted rows' pixels,
+    stacked (uint8, one tensor when both models share the transform)."""
+
+    outcomes: list = field(default_factory=list)
+    caption_pixels: torch.Tensor | None = None
+    filter_pixels: torch.Tensor | None = None
+
+
+def decode_row(row: dict, caption: ImageTransform, filter_: ImageTransform):
+    """(caption pixels, filter pixels, (width, height)), or the ``ImageRejected``."""
+    if row["status"] != SUCCESS:
+        # img2dataset's own status (failed_to_download, failed_to_resize) is the reason.
+        return ImageRejected(row["status"] or "failed", row["error_message"] or "no image")
+    try:
+        image = decode_image(row["jpg"])
+    except ImageRejected as exc:
+        return exc
+    caption_pixels = caption.resize(image)
+    filter_pixels = caption_pixels if filter_ == caption else filter_.resize(image)
+    return caption_pixels, filter_pixels, image.size
+
+
+def stack_pixels(images: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """One uint8 batch; in page-locked memory when it goes to a GPU, so the copy is direct
+    and does not hold up the host."""
+    batch = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=pin)
+    return torch.stack(images, out=batch)
+
+
+class ThreadDecoder:
+    def __init__(self, caption: ImageTransform, filter_: ImageTransform, threads: int):
+        self.caption, self.filter = caption, filter_
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+
+    def __call__(self, rows: list[dict], pin: bool) -> Decoded:
+        decoded = Decoded()
+        caption, filter_ = [], []
+        for outcome in self.pool.map(lambda row: decode_row(row, self.caption, self.filter), rows):
+            if isinstance(outcome, ImageRejected):
+                decoded.outcomes.append(outcome)
+                continue
+            caption.append(outcome[0])
+            filter_.append(outcome[1])
+            decoded.outcomes.append(outcome[2])
+        if caption:
+            decoded.caption_pixels = stack_pixels(caption, pin)
+            decoded.filter_pixels = (decoded.caption_pixels if self.filter == self.caption
+                                     else stack_pixels(filter_, pin))
+        return decoded
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class ProcessDecoder:
+    """``processes`` worker processes (spawned: the parent may hold a CUDA context) decode
+    contiguous parts of the batch into one shared-memory block per model.
+
+    A worker that dies (a decoder crash on some file) breaks the pool: the pool is restarted
+    and that part is decoded again one image per task, so only the image that kills a worker
+    again is rejected (``decoder_crashed``).
+    """
+
+    def __init__(self, caption: ImageTransform, filter_: ImageTransform, processes: int):
+        self.caption, self.filter = caption, filter_
+        self.processes = max(1, processes)
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=torch.set_num_threads, initargs=(1,))
+
+    def __call__(self, rows: list[dict], pin: bool) -> Decoded:
+        shared = self.filter == self.caption
+        shapes = [(len(rows), 3, t.height, t.width) for t in
+                  ((self.caption,) if shared else (self.caption, self.filter))]
+        blocks = [SharedMemory(create=True, size=max(1, int(np.prod(s)))) for s in shapes]
+        try:
+            outcomes = self._decode(rows, [(b.name, s) for b, s in zip(blocks, shapes)])
+            decoded = Decoded(outcomes)
+            accepted = [i for i, o in enumerate(outcomes) if not isinstance(o, ImageRejected)]
+            if accepted:
+                index = torch.tensor(accepted)
+                pixels = []
+                for block, shape in zip(blocks, shapes):
+                    source = torch.from_numpy(np.ndarray(shape, np.uint8, block.buf))
+                    batch = torch.empty((len(accepted), *shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                    pixels.append(torch.index_select(source, 0, index, out=batch))
+                    del source
+                decoded.caption_pixels, decoded.filter_pixels = pixels[0], pixels[-1]
+            return decoded
+        finally:
+            for block in blocks:
+                block.close()
+                block.unlink()
+
+    def _decode(self, rows: list[dict], blocks: list) -> list:
+        slots = list(enumerate(rows))
+        size = -(-len(slots) // self.processes)
+        parts = [slots[i : i + size] for i in range(0, len(slots), size)]
+        try:
+            futures = [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
+        except BrokenProcessPool:  # a worker died after the last batch
+            self._restart()
+            futures = [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
+        outcomes: dict[int, object] = {}
+        broken = []
+        for part, future in zip(parts, futures):
+            try:
+                outcomes.update(future.result())
+            except BrokenProcessPool:
+                broken.append(part)
+        if broken:
+            self._restart()
+        for part in broken:
+            outcomes.update(self._one_by_one(blocks, part))
+        return [_outcome(outcomes[i]) for i in range(len(rows))]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    @property
+    def transforms(self) -> tuple[ImageTransform, ImageTransform]:
+        return self.caption, self.filter
+
+    def _restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._start()
+
+    def _one_by_one(self, blocks: list, part: list) -> dict:
+        outcomes = {}
+        for slot, row in part:
+            try:
+                outcomes.update(
+                    self.pool.submit(_decode_part, self.transforms, blocks, [(slot, row)]).result())
+            except BrokenProcessPool:
+                outcomes[slot] = ("decoder_crashed", "decoding this image killed the decoding process")
+                self._restart()
+        return outcomes
+
+
+def _outcome(value):
+    """A worker's (reason, message) back into ``ImageRejected``; sizes pass through."""
+    if isinstance(value[0], str):
+        return ImageRejected(*value)
+    return tuple(value)
+
+
+def _decode_part(transforms: tuple, blocks: list, part: list) -> dict:
+    """Decode ``part`` (slot, row) into the shared blocks; {slot: size or (reason, message)}.
+    One image at a time per process (``torch.set_num_threads(1)``): the pool is the parallelism."""
+    caption, filter_ = transforms
+    # Attaching registers the block with the resource tracker again, the parent's (spawned
+    # processes share it), which holds each name once; the parent unlinks and unregisters it.
+    opened = [SharedMemory(name=name) for name, _ in blocks]
+    arrays = [np.ndarray(shape, np.uint8, block.buf) for block, (_, shape) in zip(opened, blocks)]
+    results = {}
+    try:
+        for slot, row in part:
+            outcome = decode_row(row, caption, filter_)
+            if isinstance(outcome, ImageRejected):
+                results[slot] = (outcome.reason, str(outcome))
+                continue
+            arrays[0][slot] = outcome[0].numpy()
+            if len(arrays) > 1:
+                arrays[1][slot] = outcome[1].numpy()
+            results[slot] = outcome[2]
+        return results
+    finally:
+        del arrays
+        for block in opened:
+            block.close()
