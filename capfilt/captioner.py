@@ -137,8 +137,8 @@ class Captioner:
             if step < cfg.min_new_tokens:
                 logits[:, self.eos_id] = float("-inf")
             if candidates:
-                token, step_held = sample_candidates(logits, cfg.top_k, cfg.top_p, uniforms[:, step])
-                held &= step_held
+                token, row_held = sample_candidates(logits, cfg.top_k, cfg.top_p, uniforms[:, step])
+                held &= (row_held | finished).all()  # a finished row's draw is padding anyway
             else:
                 token = sample_rows(top_k_top_p(logits, cfg.top_k, cfg.top_p), uniforms[:, step])
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)

@@ -10,7 +10,10 @@ copies the finished batch into pinned memory.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -21,6 +24,8 @@ import torch
 
 from capfilt.images import ImageRejected, ImageTransform, decode_image
 from capfilt.shard_reader import SUCCESS
+
+log = logging.getLogger(__name__)
 
 # Measured on a 16-core H100 node, BLIP-base at batch 1,024 (bench/README.md, one run each):
 # in threads, 16 decoded 738 images/s inside a shard and slowed the model loop to 2.24 s a
@@ -92,45 +97,72 @@ class ThreadDecoder:
 
 class ProcessDecoder:
     """``processes`` worker processes (spawned: the parent may hold a CUDA context) decode
-    contiguous parts of the batch into one shared-memory block per model.
+    contiguous parts of the batch into a shared-memory block per model, reused from batch to
+    batch (``prepare`` calls come one at a time).
 
     A worker that dies (a decoder crash on some file) breaks the pool: the pool is restarted
     and that part is decoded again one image per task, so only the image that kills a worker
-    again is rejected (``decoder_crashed``).
+    again is rejected (``decoder_crashed``). Workers that keep dying on one image after
+    another are not the images' fault (memory, a full ``/dev/shm``): that raises instead. A
+    batch whose block ``/dev/shm`` cannot hold (containers often give it 64 MB) is decoded
+    in threads, with a warning.
     """
+
+    MAX_CRASHES = 2  # per part; more and the processes, not the images, are failing
 
     def __init__(self, caption: ImageTransform, filter_: ImageTransform, processes: int):
         self.caption, self.filter = caption, filter_
         self.processes = max(1, processes)
         self.pool = self._start()
+        self.blocks: list[SharedMemory] = []
+        self.fallback: ThreadDecoder | None = None
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=torch.set_num_threads, initargs=(1,))
 
     def __call__(self, rows: list[dict], pin: bool) -> Decoded:
+        if not rows:
+            return Decoded()
         shared = self.filter == self.caption
         shapes = [(len(rows), 3, t.height, t.width) for t in
                   ((self.caption,) if shared else (self.caption, self.filter))]
-        blocks = [SharedMemory(create=True, size=max(1, int(np.prod(s)))) for s in shapes]
-        try:
-            outcomes = self._decode(rows, [(b.name, s) for b, s in zip(blocks, shapes)])
-            decoded = Decoded(outcomes)
-            accepted = [i for i, o in enumerate(outcomes) if not isinstance(o, ImageRejected)]
-            if accepted:
-                index = torch.tensor(accepted)
-                pixels = []
-                for block, shape in zip(blocks, shapes):
-                    source = torch.from_numpy(np.ndarray(shape, np.uint8, block.buf))
-                    batch = torch.empty((len(accepted), *shape[1:]), dtype=torch.uint8, pin_memory=pin)
-                    pixels.append(torch.index_select(source, 0, index, out=batch))
-                    del source
-                decoded.caption_pixels, decoded.filter_pixels = pixels[0], pixels[-1]
-            return decoded
-        finally:
-            for block in blocks:
-                block.close()
-                block.unlink()
+        if not self._hold([int(np.prod(shape)) for shape in shapes]):
+            if self.fallback is None:
+                log.warning("/dev/shm cannot hold a batch of %d images: decoding in threads",
+                            len(rows))
+                self.fallback = ThreadDecoder(self.caption, self.filter, self.processes)
+            return self.fallback(rows, pin)
+        outcomes = self._decode(rows, [(b.name, s) for b, s in zip(self.blocks, shapes)])
+        decoded = Decoded(outcomes)
+        accepted = [i for i, o in enumerate(outcomes) if not isinstance(o, ImageRejected)]
+        if accepted:
+            index = torch.tensor(accepted)
+            pixels = []
+            for block, shape in zip(self.blocks, shapes):
+                source = torch.from_numpy(np.ndarray(shape, np.uint8, block.buf))
+                batch = torch.empty((len(accepted), *shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                pixels.append(torch.index_select(source, 0, index, out=batch))
+            decoded.caption_pixels, decoded.filter_pixels = pixels[0], pixels[-1]
+        return decoded
+
+    def _hold(self, sizes: list[int]) -> bool:
+        """Blocks of at least ``sizes`` bytes in ``self.blocks`` (kept if big enough); False
+        if ``/dev/shm`` has not the room."""
+        if len(self.blocks) == len(sizes) and all(
+                b.size >= n for b, n in zip(self.blocks, sizes)):
+            return True
+        self._release()
+        if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < sum(sizes):
+            return False
+        self.blocks = [SharedMemory(create=True, size=max(1, n)) for n in sizes]
+        return True
+
+    def _release(self) -> None:
+        for block in self.blocks:
+            block.close()
+            block.unlink()
+        self.blocks = []
 
     def _decode(self, rows: list[dict], blocks: list) -> list:
         slots = list(enumerate(rows))
@@ -156,6 +188,9 @@ class ProcessDecoder:
 
     def close(self) -> None:
         self.pool.shutdown()
+        self._release()
+        if self.fallback is not None:
+            self.fallback.close()
 
     @property
     def transforms(self) -> tuple[ImageTransform, ImageTransform]:
@@ -166,12 +201,17 @@ class ProcessDecoder:
         self.pool = self._start()
 
     def _one_by_one(self, blocks: list, part: list) -> dict:
-        outcomes = {}
+        outcomes, crashes = {}, 0
         for slot, row in part:
             try:
                 outcomes.update(
                     self.pool.submit(_decode_part, self.transforms, blocks, [(slot, row)]).result())
             except BrokenProcessPool:
+                crashes += 1
+                if crashes > self.MAX_CRASHES:
+                    raise RuntimeError(
+                        f"decoding processes died on {crashes} images of {len(part)}: not the "
+                        "images' fault (is memory or /dev/shm full?)") from None
                 outcomes[slot] = ("decoder_crashed", "decoding this image killed the decoding process")
                 self._restart()
         return outcomes

@@ -65,7 +65,7 @@ TIE_ROOM = 64
 
 def sample_candidates(logits: torch.Tensor, top_k: int, top_p: float,
                       uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token per row, whether every row's candidates held all ties of its k-th logit).
+    """(token per row, per row whether its candidates held all ties of its k-th logit).
 
     The candidates are put in token order, the order the whole vocabulary has, so that ties
     break as the full sorts break them (by token id); then the same top-k mask, nucleus and
@@ -74,8 +74,8 @@ def sample_candidates(logits: torch.Tensor, top_k: int, top_p: float,
     width = min(logits.shape[-1], top_k + TIE_ROOM)
     values, index = torch.topk(logits, width, dim=-1)  # ties come in no stated order
     kth = values[:, top_k - 1 : top_k]
-    held = (values[:, -1:] < kth).all() if width < logits.shape[-1] else torch.ones(
-        (), dtype=torch.bool, device=logits.device)
+    held = (values[:, -1] < kth[:, 0] if width < logits.shape[-1]
+            else torch.ones(len(logits), dtype=torch.bool, device=logits.device))
     index, order = index.sort(dim=-1)
     values = values.gather(1, order)
     values = values.masked_fill(values < kth, float("-inf"))

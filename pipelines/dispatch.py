@@ -69,7 +69,7 @@ def dispatch(
         # Fractional CPUs: actors must not take every CPU slot from Ray's own tasks.
         cpus_each = min(1.0, cpus / (2 * count))
         threads = max(1, int(cpus) // count)
-        decode_threads, decode_processes = config.decode_threads, 0
+        decode_threads, decode_processes = config.decode_threads, config.decode_processes
     config = replace(config, device=device, decode_threads=decode_threads,
                      decode_processes=decode_processes)
     pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)

@@ -58,9 +58,11 @@ def test_processes_decode_as_threads_do_and_outlive_a_killed_process(transforms)
         assert all(same(a, b) for a, b in zip(again.outcomes, expected.outcomes))
         assert torch.equal(again.caption_pixels, expected.caption_pixels)
 
+        assert decoder([], pin=False).outcomes == []
+
         decoder.filter = caption  # one transform: one block, one batch for both models
         shared = decoder(rows, pin=False)
         assert shared.filter_pixels is shared.caption_pixels
         assert torch.equal(shared.caption_pixels, expected.caption_pixels)
     finally:
-        decoder.pool.shutdown()
+        decoder.close()

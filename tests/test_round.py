@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -99,8 +100,10 @@ def test_rerun_skips_finished_shards_and_redoes_a_lost_one_identically(
 
 def test_same_captions_with_another_batch_size(first_round, tiny_models, img2dataset_parquet,
                                                tmp_path):
-    manifest = run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "r",
-                                 batch_size=3, workers=1))
+    """... and images decoded in processes (as on a GPU worker) inside the Ray worker."""
+    settings = options(tiny_models, [img2dataset_parquet], tmp_path / "r", batch_size=3, workers=1)
+    settings.stage = replace(settings.stage, decode_processes=2)
+    manifest = run_round(settings)
     assert manifest.status == "complete"
     ours, theirs = rows_by_key(tmp_path / "r"), rows_by_key(first_round[0])
     assert {k: r["synthetic_captions"] for k, r in ours.items()} == {
