@@ -31,7 +31,7 @@ def questions(monkeypatch):
     return asked
 
 
-def test_a_batch_asks_the_device_once_per_model(loaded, questions):
+def test_a_batch_asks_the_device_only_when_each_model_is_done(loaded, questions):
     captioner = Captioner(loaded["captioner"], SamplingConfig(max_new_tokens=12, num_captions=2),
                           seed=0)
     captioner.late_stop_check = True  # as on a GPU
