@@ -8,7 +8,8 @@
     table.md, table.json, manifest.json                  written last
 
 Every step writes its own manifest naming its parents and is skipped when run again after it
-finished, so a killed bootstrap continues where it stopped.
+finished, so a killed bootstrap continues where it stopped. With ``parallel`` > 1, a round's
+model and the ablation models, which do not depend on each other, train side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from capfilt.captioner import SamplingConfig
@@ -28,6 +30,7 @@ from pipelines.bootstrap_config import BootstrapConfig, StepTraining
 from pipelines.evaluate import EvalJob, run_eval
 from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions
+from pipelines.side_by_side import run_side_by_side
 from pipelines.train import TrainJob, run_training
 
 log = logging.getLogger(__name__)
@@ -120,27 +123,38 @@ def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:
         log.info("%s done in %.0fs", name, timings[name])
         return result
 
+    def side_by_side(named: dict[str, partial]) -> dict:
+        began = time.perf_counter()
+        done = run_side_by_side(list(named.values()), cfg.parallel)
+        for name, (_, seconds) in zip(named, done):
+            timings[name] = seconds
+            log.info("%s done in %.0fs", name, seconds)
+        if len(named) > 1 and cfg.parallel > 1:
+            timings[" + ".join(named) + " (side by side)"] = round(time.perf_counter() - began, 2)
+        return {name: result for name, (result, _) in zip(named, done)}
+
     models = {0: timed("round-0 model", lambda: train_model(
         cfg, root / "round-0", [*cfg.web, *cfg.clean], feeds_a_round=cfg.rounds > 0))}
     rounds: dict[int, str] = {}
+    ablations: dict[str, dict] = {}
     for number in range(1, cfg.rounds + 1):
         parent = rounds.get(number - 1)
         rounds[number] = timed(f"round-{number} capfilt", lambda: capfilt_round(
             cfg, number, models[number - 1], root / f"round-{number}" / "capfilt", parent))
-        models[number] = timed(f"round-{number} model", lambda: train_model(
-            cfg, root / f"round-{number}", [f"{rounds[number]}@kept", *cfg.clean],
-            feeds_a_round=number < cfg.rounds))
+        trainings = {f"round-{number} model": partial(
+            train_model, cfg, root / f"round-{number}", [f"{rounds[number]}@kept", *cfg.clean],
+            number < cfg.rounds)}
+        if cfg.ablation and number == 1:  # Table 1's other rows train on round 1's views
+            trainings |= {f"ablation {view}": partial(
+                train_model, cfg, root / "ablation" / view, [f"{rounds[1]}@{view}", *cfg.clean],
+                False) for _, view in TABLE_ROWS if view not in (None, "kept")}
+        done = side_by_side(trainings)
+        models[number] = done.pop(f"round-{number} model")
+        ablations |= {name.removeprefix("ablation "): result for name, result in done.items()}
     table = []
     if cfg.ablation:
         for label, view in TABLE_ROWS:
-            if view is None:
-                row_models = models[0]
-            elif view == "kept":
-                row_models = models[1]
-            else:
-                row_models = timed(f"ablation {view}", lambda: train_model(
-                    cfg, root / "ablation" / view, [f"{rounds[1]}@{view}", *cfg.clean],
-                    feeds_a_round=False))
+            row_models = models[0] if view is None else models[1] if view == "kept" else ablations[view]
             table.append(table_row(label, view, row_models))
     else:
         table = [table_row(f"round {n}", None, models[n]) for n in sorted(models)]

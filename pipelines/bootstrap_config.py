@@ -4,6 +4,7 @@ Top-level keys name the data and where models start; one table per step sets tha
 
     output = "runs/boot"            clean = ["clean/"]     web = ["web/"]     test = ["test/"]
     init = "scratch:models/blank"   rounds = 1             ablation = true    seed = 0
+    parallel = 3    (trainings that do not depend on each other at once; CPU, one worker each)
     vision_init = "timm:vit_base_patch16_224.augreg_in21k_ft_in1k"   (optional, with scratch:)
     [pretrain]            steps, batch_size, lr, min_lr, warmup_steps, weight_decay, augment,
     [finetune_captioner]  checkpoint_every, log_every; and negative_mix, workers, device
@@ -88,6 +89,23 @@ class BootstrapConfig:
     vision_init: str | None = None
     round: RoundSettings = field(default_factory=RoundSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    parallel: int = 1
+
+    def __post_init__(self):
+        if self.ablation and self.rounds < 1:
+            raise BootstrapConfigError("ablation = true needs rounds >= 1 (its rows train on round 1)")
+        if self.parallel < 1:
+            raise BootstrapConfigError(f"parallel = {self.parallel}: use 1 or more")
+        steps = {"pretrain": self.pretrain, "finetune_captioner": self.finetune_captioner,
+                 "finetune_filter": self.finetune_filter}
+        if self.parallel > 1:
+            for name, step in steps.items():
+                if step.device != "cpu" or step.workers != 1:
+                    # Processes side by side split this machine's cores; a GPU or Ray Train
+                    # job would contend for what it holds.
+                    raise BootstrapConfigError(
+                        f"parallel = {self.parallel} runs trainings side by side on this "
+                        f"machine's cores: [{name}] must have device = 'cpu' and workers = 1")
 
 
 STEP_EXTRAS = ("negative_mix", "workers", "device")
@@ -144,6 +162,7 @@ def load_bootstrap_config(path: str | Path) -> BootstrapConfig:
             init=init,
             rounds=int(data.get("rounds", 1)),
             ablation=bool(data.get("ablation", False)),
+            parallel=int(data.get("parallel", 1)),
             seed=seed,
             vision_init=data.get("vision_init"),
             pretrain=_step(data.get("pretrain", {}), "pretrain", seed),

@@ -24,6 +24,7 @@ PROFILES = {
         "finetune_captioner": {"steps": 400, "lr": 3e-3, "warmup_steps": 10},
         "finetune_filter": {"steps": 300, "lr": 1e-3, "warmup_steps": 10},
         "batch_size": 64,
+        "parallel": 3,
     },
     "quick": {
         "world": {"n_clean": 64, "n_web": 192, "n_test": 32, "rows_per_shard": 64,
@@ -33,6 +34,8 @@ PROFILES = {
         "finetune_captioner": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
         "finetune_filter": {"steps": 10, "lr": 1e-3, "warmup_steps": 2},
         "batch_size": 16,
+        # Its trainings take a second or two: spawning processes for them would cost more.
+        "parallel": 1,
     },
 }
 # Flipping swaps left and right, which this world's captions state, and crops cut shapes:
@@ -68,6 +71,7 @@ init = "scratch:blank"
 rounds = 1
 ablation = true
 seed = {seed}
+parallel = {profile["parallel"]}
 
 [pretrain]
 {step(profile["pretrain"], True)}

@@ -77,7 +77,7 @@ def run_training(job: TrainJob) -> JobManifest:
         built.task.to(job.device)
         batches = batches_for(data, built.processor, job.config)
         result = train(built.task, batches, job.config, out / "checkpoints", device=job.device,
-                       on_log=TrainProgress(job.task, job.config.steps))
+                       on_log=TrainProgress(f"{out.parent.name}/{out.name}", job.config.steps))
         history, resumed = result.history, result.resumed_from
     paths = built.task.cpu().export(out, built.processor)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))

@@ -242,6 +242,18 @@ def test_two_ray_train_workers_train_alike(blank, squares, pretrained, ray_local
     BlipForConditionalGeneration.from_pretrained(tmp_path / "ddp" / "captioner")
 
 
+def test_ray_train_drops_the_cleaner_that_would_wait_for_a_missing_dashboard():
+    from ray.train import ScalingConfig
+
+    from workers.train_worker import Trainer, dashboard_missing
+
+    trainer = Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "BackendSetupCallback" in names
+    assert dashboard_missing()  # what capfilt installs: ray[data], not ray[default]
+    assert "PlacementGroupCleanerCallback" not in names
+
+
 def test_a_killed_training_resumes_from_its_last_checkpoint(blank, squares, pretrained, tmp_path):
     _, uninterrupted = pretrained
     out = tmp_path / "killed"

@@ -45,11 +45,34 @@ def _loop_per_worker(settings: dict) -> None:
           on_log=TrainProgress(job.task, job.config.steps))
 
 
+class Trainer(TorchTrainer):
+    """Ray Train's TorchTrainer, less its placement-group cleaner where Ray has no dashboard
+    (``ray`` installed without ``[default]``, as capfilt installs it). The cleaner asks the
+    dashboard's state API whether the controller still lives; with no answer, Ray waits 12 s
+    for it at the end of every run and logs a traceback. It acts only when a controller dies
+    without cleaning up, and then it could not ask either."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if not dashboard_missing():
+            return callbacks
+        return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+
+def dashboard_missing() -> bool:
+    """Whether this Ray install lacks the dashboard's packages (then so does its state API)."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:  # another Ray's internals: keep its callbacks as they are
+        return False
+    return get_dashboard_dependency_error() is not None
+
+
 def run_ray_train(job) -> None:
     """Train ``job`` on ``job.workers`` Ray Train workers (Ray already started); returns when
     all are done."""
     use_gpu = job.device.startswith("cuda")
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 import time
 
@@ -17,7 +18,9 @@ class TrainProgress:
         self.name = name
         self.steps = steps
         self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # Jobs side by side (child processes) share the terminal: lines, not one rewritten.
+        self.tty = (hasattr(self.stream, "isatty") and self.stream.isatty()
+                    and multiprocessing.parent_process() is None)
         # Time left is measured from the first logged step on: before it lie model and data
         # loading (or a resume), which say nothing of the speed of a step.
         self.first: tuple[int, float] | None = None
