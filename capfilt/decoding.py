@@ -91,6 +91,9 @@ class ThreadDecoder:
                                      else stack_pixels(filter_, pin))
         return decoded
 
+    def _submit(self, blocks: list, parts: list[list]) -> list:
+        return [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
+
     def close(self) -> None:
         self.pool.shutdown()
 
@@ -169,10 +172,10 @@ class ProcessDecoder:
         size = -(-len(slots) // self.processes)
         parts = [slots[i : i + size] for i in range(0, len(slots), size)]
         try:
-            futures = [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
+            futures = self._submit(blocks, parts)
         except BrokenProcessPool:  # a worker died after the last batch
             self._restart()
-            futures = [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
+            futures = self._submit(blocks, parts)
         outcomes: dict[int, object] = {}
         broken = []
         for part, future in zip(parts, futures):
@@ -185,6 +188,9 @@ class ProcessDecoder:
         for part in broken:
             outcomes.update(self._one_by_one(blocks, part))
         return [_outcome(outcomes[i]) for i in range(len(rows))]
+
+    def _submit(self, blocks: list, parts: list[list]) -> list:
+        return [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -204,8 +210,7 @@ class ProcessDecoder:
         outcomes, crashes = {}, 0
         for slot, row in part:
             try:
-                outcomes.update(
-                    self.pool.submit(_decode_part, self.transforms, blocks, [(slot, row)]).result())
+                outcomes.update(self._submit(blocks, [[(slot, row)]])[0].result())
             except BrokenProcessPool:
                 crashes += 1
                 if crashes > self.MAX_CRASHES:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,19 +19,25 @@ STEP_MANIFESTS = [
 ]
 
 
-def demo(out: Path) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "capfilt"), "demo", "--quick", "--output", str(out)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "RAY_ADDRESS": ""})
+def demo(out: Path, capsys) -> str:
+    """``capfilt demo --quick`` through the command line's entry, in this process and on the
+    tests' Ray (its own process would spend about 15 s importing and starting Ray; test_round
+    runs the installed ``capfilt`` in its own process)."""
+    from pipelines.cli import main
+
+    capsys.readouterr()
+    code = main(["demo", "--quick", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
 
 
-def test_quick_demo_runs_the_bootstrap_and_prints_table_1(tmp_path, capsys):
+def test_quick_demo_runs_the_bootstrap_and_prints_table_1(ray_local, tmp_path, capsys):
     out = tmp_path / "demo"
-    done = demo(out)
-    assert done.returncode == 0, done.stderr[-3000:]
+    printed = demo(out, capsys)
     for row in ("no CapFilt", "filter only", "captioner only", "CapFilt (both)"):
-        assert f"| {row} |" in done.stdout
-    assert "precision" in done.stdout and "web captions kept by kind" in done.stdout
+        assert f"| {row} |" in printed
+    assert "precision" in printed and "web captions kept by kind" in printed
     summary = json.loads((out / "demo.json").read_text())
     assert [row["row"] for row in summary["table"]] == [
         "no CapFilt", "filter only", "captioner only", "CapFilt (both)"]
@@ -50,7 +53,7 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(tmp_path, capsys):
     synthetic = summary["audit"]["synthetic"]
     assert sum(v["of"] for v in synthetic["by_error"].values()) == synthetic["of"]
     assert sum(v["kept"] for v in synthetic["by_error"].values()) == synthetic["kept"]
-    assert "synthetic captions kept, by what they get wrong" in done.stdout
+    assert "synthetic captions kept, by what they get wrong" in printed
     # Every step wrote a valid manifest naming its parents; the round-1 model learned from
     # the CapFilt round, which used round 0's fine-tuned models.
     for step in STEP_MANIFESTS:
@@ -72,14 +75,9 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(tmp_path, capsys):
         evaluated = read_json(str(out / folder / "eval.json"))
         assert {i["source"] for i in evaluated["inputs"] if i["role"] in ("filter", "captioner")} == {
             str(out / folder / "pretrain" / "filter"), str(out / folder / "pretrain" / "captioner")}
-    # Run again (in this process: another would spend about 10 s importing): every step is
-    # skipped, the same table comes back.
-    from pipelines.cli import main
-
-    capsys.readouterr()
+    # Run again: every step is skipped, the same table comes back.
     began = time.monotonic()
-    assert main(["demo", "--quick", "--output", str(out)]) == 0
-    assert capsys.readouterr().out.splitlines()[:6] == done.stdout.splitlines()[:6]
+    assert demo(out, capsys).splitlines()[:6] == printed.splitlines()[:6]
     assert time.monotonic() - began < 30
 
 
