@@ -314,17 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 2
     configure_logging(args.log_level)
-    from capfilt.models import ModelSourceError
     from manifests import ManifestError
-    from pipelines.dispatch import WorkerStartError
-    from pipelines.plan import PlanError
 
     try:
         return COMMANDS[args.command](args)
-    except (PlanError, ModelSourceError, ManifestError, ValueError) as exc:
+    except (ManifestError, ValueError) as exc:  # PlanError, ModelSourceError: ValueErrors
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 2
-    except WorkerStartError as exc:
+    except RuntimeError as exc:
+        # Looked up, not imported: pipelines.dispatch loads torch, which commands that only
+        # read files (validate, report, lineage) should not wait for; and only a loaded
+        # dispatch raises its WorkerStartError.
+        dispatch = sys.modules.get("pipelines.dispatch")
+        if dispatch is None or not isinstance(exc, dispatch.WorkerStartError):
+            raise
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 3
 
