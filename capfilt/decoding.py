@@ -91,9 +91,6 @@ class ThreadDecoder:
                                      else stack_pixels(filter_, pin))
         return decoded
 
-    def _submit(self, blocks: list, parts: list[list]) -> list:
-        return [self.pool.submit(_decode_part, self.transforms, blocks, part) for part in parts]
-
     def close(self) -> None:
         self.pool.shutdown()
 

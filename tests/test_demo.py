@@ -100,7 +100,7 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
     with pytest.raises(BootstrapConfigError, match="dtype = 'bf16'"):
         load_bootstrap_config(path)
     path.write_text(path.read_text().replace('dtype = "bf16"', "")
-                    .replace("[pretrain]\n", '[pretrain]\ndevice = "cuda"\n') + "")
+                    .replace("[pretrain]\n", '[pretrain]\ndevice = "cuda"\n'))
     load_bootstrap_config(path)  # one training at a time may use the GPU
     path.write_text("parallel = 3\n" + path.read_text())
     with pytest.raises(BootstrapConfigError, match=r"parallel = 3 .*\[pretrain\] must have device"):
