@@ -39,14 +39,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capfilt.captioner import Captioner, SamplingConfig  # noqa: E402
-from capfilt.images import ImageTransform, decode_image  # noqa: E402
+from capfilt.captioner import Captioner  # noqa: E402
+from capfilt.image_transform import ImageTransform  # noqa: E402
+from capfilt.images import decode_image  # noqa: E402
 from capfilt.models import load_model  # noqa: E402
 from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.scorer import Scorer  # noqa: E402
 from capfilt.shard_reader import read_shard  # noqa: E402
 from capfilt.shard_runner import run_shard  # noqa: E402
-from capfilt.stage import CapFiltStage, StageConfig  # noqa: E402
+from capfilt.stage import CapFiltStage  # noqa: E402
+from capfilt.stage_config import SamplingConfig, StageConfig  # noqa: E402
 from capfilt.tiny import tiny_vocabulary  # noqa: E402
 
 BATCH = 16

@@ -38,13 +38,12 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capfilt.captioner import SamplingConfig  # noqa: E402
-from capfilt.decoding import gpu_decoders  # noqa: E402
 from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.selection import Policy  # noqa: E402
 from capfilt.shard_reader import read_shard  # noqa: E402
 from capfilt.shard_runner import run_shard  # noqa: E402
-from capfilt.stage import CapFiltStage, StageConfig, scored_texts  # noqa: E402
+from capfilt.stage import CapFiltStage, scored_texts  # noqa: E402
+from capfilt.stage_config import SamplingConfig, StageConfig, gpu_decoders  # noqa: E402
 from capfilt.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
 
 NEW_TOKENS = 20  # min = max: every caption costs the same, whatever the weights

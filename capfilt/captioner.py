@@ -8,7 +8,6 @@ step and reused for every later token.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -22,39 +21,8 @@ from capfilt.sampling import (
     top_k_top_p,
 )
 from capfilt.seeding import generators
+from capfilt.stage_config import SamplingConfig
 from capfilt.transfer import LaterFlag
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How captions are written. Defaults are BLIP's CapFilt settings.
-
-    Lengths count new tokens, after the prompt; BLIP's max_length 20 / min_length 5 counted
-    the 4 prompt tokens too. ``top_k`` 50 is what BLIP's code got from transformers 4.15.
-    """
-
-    method: str = "nucleus"  # "nucleus" | "beam"
-    num_captions: int = 1
-    prompt: str = "a picture of "
-    top_p: float = 0.9
-    top_k: int | None = 50
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 16
-    min_new_tokens: int = 1
-    num_beams: int = 3
-
-    def __post_init__(self):
-        if self.method not in ("nucleus", "beam"):
-            raise ValueError(f"sampling method {self.method!r}: use 'nucleus' or 'beam'")
-        if self.method == "beam" and self.num_captions > self.num_beams:
-            raise ValueError("beam search returns at most num_beams captions per image")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p {self.top_p} is not in (0, 1]")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens is larger than max_new_tokens")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Captioner:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
-from capfilt.captioner import SamplingConfig
 from capfilt.models import LoadedModel
 from capfilt.seeding import caption_seed
+from capfilt.stage_config import SamplingConfig
 
 
 class LanguageModelCaptioner:

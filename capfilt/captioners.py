@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.captioner import Captioner
 from capfilt.captioner_lm import LanguageModelCaptioner
 from capfilt.models import MODEL_CLASSES, LoadedModel
+from capfilt.stage_config import SamplingConfig
 
 
 def make_captioner(loaded: LoadedModel, sampling: SamplingConfig, seed: int):

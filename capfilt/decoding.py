@@ -22,22 +22,11 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import torch
 
-from capfilt.images import ImageRejected, ImageTransform, decode_image
+from capfilt.image_transform import ImageTransform
+from capfilt.images import ImageRejected, decode_image
 from capfilt.shard_reader import SUCCESS
 
 log = logging.getLogger(__name__)
-
-# Measured on a 16-core H100 node, BLIP-base at batch 1,024 (bench/README.md, one run each):
-# in threads, 16 decoded 738 images/s inside a shard and slowed the model loop to 2.24 s a
-# batch (1.46 s alone), 6 threads 1,234 images/s and 1.73 s; in processes, the shard ran at
-# 597 images/s with 6 and 559 with 12 (492 with 6 threads, same code and lease).
-MAX_GPU_DECODERS = 6
-
-
-def gpu_decoders(cpus: float, gpus: int) -> int:
-    """Decoding processes for a worker that has one of ``gpus`` GPUs on a node of ``cpus`` cores."""
-    return max(2, min(MAX_GPU_DECODERS, int(cpus // max(1, gpus))))
-
 
 @dataclass
 class Decoded:

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.bleu import corpus_bleu
-from capfilt.captioner import Captioner, SamplingConfig
-from capfilt.images import ImageTransform, decode_image
+from capfilt.captioner import Captioner
+from capfilt.image_transform import ImageTransform
+from capfilt.images import decode_image
 from capfilt.models import LoadedModel
 from capfilt.scorer import MAX_TEXT_TOKENS, enc_token_id
 from capfilt.shard_reader import SUCCESS, expand_inputs, read_shard
+from capfilt.stage_config import SamplingConfig
 
 RECALL_AT = (1, 5, 10)
 

@@ -10,19 +10,21 @@ from __future__ import annotations
 import html
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
 
-from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.captioner import Captioner
 from capfilt.captioners import make_captioner
 from capfilt.decoding import ProcessDecoder, ThreadDecoder
-from capfilt.images import ImageRejected, ImageTransform
+from capfilt.image_transform import ImageTransform
+from capfilt.images import ImageRejected
 from capfilt.models import load_model
 from capfilt.scorer import Scorer
 from capfilt.scorers import make_scorer
 from capfilt.selection import Policy, candidates, select
+from capfilt.stage_config import StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +56,6 @@ REJECT_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Everything a worker needs to build the step; plain data, so it pickles to Ray actors."""
-
-    captioner: str
-    filter: str
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    policy: Policy = field(default_factory=Policy)
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    itm_token: str = "enc"
-    decode_threads: int = 2
-    decode_processes: int = 0  # > 0: decode in processes, not threads (GPU workers)
-    attention: str = "sdpa"  # "eager": Hugging Face's own BLIP attention modules
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 _TAG = re.compile(r"<[^>]{0,500}>")

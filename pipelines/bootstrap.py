@@ -21,9 +21,8 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from capfilt.captioner import SamplingConfig
 from capfilt.selection import Policy
-from capfilt.stage import StageConfig
+from capfilt.stage_config import SamplingConfig, StageConfig
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.bootstrap_config import BootstrapConfig, StepTraining

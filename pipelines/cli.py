@@ -179,10 +179,9 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def round_options(args: argparse.Namespace):
-    from capfilt.captioner import SamplingConfig
     from capfilt.selection import Policy
     from capfilt.shard_reader import ReaderOptions
-    from capfilt.stage import StageConfig
+    from capfilt.stage_config import SamplingConfig, StageConfig
     from pipelines.plan import RoundOptions
 
     sampling = SamplingConfig(

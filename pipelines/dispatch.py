@@ -11,9 +11,8 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from capfilt.decoding import gpu_decoders
 from capfilt.shard_reader import ReaderOptions
-from capfilt.stage import StageConfig
+from capfilt.stage_config import StageConfig, gpu_decoders
 from manifests import ShardResult, ShardStatus
 from workers.shard_worker import start_workers
 

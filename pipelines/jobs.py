@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import platform
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
-
-import torch
-import transformers
 
 import capfilt
 
@@ -17,11 +15,9 @@ def now() -> str:
 
 
 def job_versions() -> dict[str, str]:
-    import ray
-
+    """Installed versions, read from package metadata: a round's driver never imports torch."""
     return {"capfilt": capfilt.__version__, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "ray": ray.__version__}
+            **{name: version(name) for name in ("torch", "transformers", "ray")}}
 
 
 def parent_manifest(source: str) -> str | None:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.models import check_model_source, gives_itm
+from capfilt.model_source import check_model_source, gives_itm
 from capfilt.round_folder import finished_shard, plan_path
 from capfilt.shard_reader import ReaderOptions, expand_inputs
-from capfilt.stage import StageConfig
+from capfilt.stage_config import StageConfig
 from manifests import ManifestError, ShardResult, read_manifest
 from manifests.store import read_json, write_json_atomic
 

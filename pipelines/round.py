@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
 
-import ray
-import torch
-import transformers
-
-import capfilt
-from capfilt.models import model_class, weights_sha256
+from capfilt.model_source import model_class_name, weights_sha256
 from capfilt.report import write_report
 from capfilt.shard_reader import shard_format
 from capfilt.terminal import log_file
@@ -27,6 +20,7 @@ from manifests import (
     write_manifest,
 )
 from pipelines.dispatch import dispatch, ensure_ray
+from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions, RoundPlan, plan_round
 from pipelines.progress import Progress
 
@@ -38,7 +32,7 @@ def run_round(options: RoundOptions, stream=None) -> RoundManifest:
 
     The round's own log goes to ``ROUND/capfilt.log`` (local folders), appended on reruns.
     """
-    created = _now()
+    created = now()
     started = time.perf_counter()
     plan = plan_round(options)
     local = "://" not in options.output or options.output.startswith("file://")
@@ -93,7 +87,7 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
         for i, path in enumerate(plan.shards)
     ]
     models = [
-        ModelRef(role=role, source=source, model_class=model_class(source, role).__name__,
+        ModelRef(role=role, source=source, model_class=model_class_name(source, role),
                  weights_sha256=weights_sha256(source))
         for role, source in (("captioner", options.stage.captioner),
                              ("filter", options.stage.filter))
@@ -104,7 +98,7 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
         parent=options.parent,
         status="complete" if complete else "incomplete",
         created_at=created,
-        finished_at=_now(),
+        finished_at=now(),
         inputs=inputs,
         models=models,
         parameters={**options.parameters(), "workers": options.workers or 0,
@@ -116,15 +110,6 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
             "shard_seconds": round(shard_seconds, 3),
             "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
         },
-        versions={
-            "capfilt": capfilt.__version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "ray": ray.__version__,
-        },
+        versions=job_versions(),
     )
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

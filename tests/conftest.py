@@ -10,12 +10,13 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 import pytest
 
-from capfilt.captioner import Captioner, SamplingConfig
-from capfilt.images import ImageTransform
+from capfilt.captioner import Captioner
+from capfilt.image_transform import ImageTransform
 from capfilt.models import load_model
 from capfilt.scorer import Scorer
 from capfilt.selection import Policy
 from capfilt.stage import CapFiltStage
+from capfilt.stage_config import SamplingConfig
 from capfilt.tiny import write_tiny_models
 from tests.web_world import img2dataset_download
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
-from capfilt.models import ModelSourceError, check_model_source, load_model, model_class
+from capfilt.model_source import ModelSourceError, check_model_source
+from capfilt.models import load_model, model_class
 from capfilt.scorer_blip2 import Blip2Scorer
 from capfilt.scorers import make_scorer
 from capfilt.shard_reader import read_shard
-from capfilt.stage import CapFiltStage, StageConfig
+from capfilt.stage import CapFiltStage
+from capfilt.stage_config import StageConfig
 from capfilt.tiny import tiny_processor
 
 

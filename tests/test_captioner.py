@@ -2,7 +2,7 @@
 
 import torch
 
-from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.captioner import Captioner
 from capfilt.sampling import (
     TIE_ROOM,
     apply_repetition_penalty,
@@ -12,6 +12,7 @@ from capfilt.sampling import (
     top_k_top_p,
 )
 from capfilt.seeding import caption_seed
+from capfilt.stage_config import SamplingConfig
 
 
 def pixels(n: int, seed: int = 0) -> torch.Tensor:

@@ -5,13 +5,14 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from capfilt.captioner import SamplingConfig
-from capfilt.images import ImageTransform, decode_image
+from capfilt.image_transform import ImageTransform
+from capfilt.images import decode_image
 from capfilt.models import load_model
 from capfilt.scorer_clip import ClipScorer
 from capfilt.selection import Policy
 from capfilt.shard_reader import read_shard
-from capfilt.stage import CapFiltStage, StageConfig
+from capfilt.stage import CapFiltStage
+from capfilt.stage_config import SamplingConfig, StageConfig
 from capfilt.tiny import tiny_processor
 from pipelines.plan import PlanError, RoundOptions, plan_round
 

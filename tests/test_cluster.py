@@ -14,6 +14,7 @@ import pytest
 from capfilt.round_check import check_round
 from capfilt.sample_shards import write_sample_shards
 from tests.test_faults import wait_for, worker_pids
+from tests.torch_free import torch_free_capfilt
 
 SHARDS, ROWS = 8, 96
 # A loopback-only test cluster: no token to share between its processes.
@@ -41,6 +42,14 @@ def ray_node(*args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def active_nodes(address: str) -> int:
+    """Nodes ``ray status`` lists as active (about 1.7 s a call here)."""
+    status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address],
+                            capture_output=True, text=True, env={**os.environ, **CLUSTER_ENV})
+    active = status.stdout.partition("Active:")[2].partition("Pending:")[0]
+    return sum(line.strip().startswith("1 node_") for line in active.splitlines())
+
+
 @pytest.fixture
 def two_nodes():
     port = free_port()
@@ -54,6 +63,8 @@ def two_nodes():
             capture_output=True, env={**os.environ, **CLUSTER_ENV}).returncode == 0,
             timeout=90, every=1)
         second = ray_node(f"--address={address}", "--node-ip-address=127.0.0.1")
+        # Joined, not just started: a driver quicker than the join would put both actors on the head.
+        wait_for(lambda: active_nodes(address) == 2, timeout=90, every=1)
         yield address, head, second
     finally:
         for node in (second, head):
@@ -67,17 +78,22 @@ def test_a_round_on_two_nodes_survives_losing_one(two_nodes, tiny_models, tmp_pa
     inputs = tmp_path / "in"
     write_sample_shards(inputs, shards=SHARDS, rows=ROWS, seed=9)
     out = tmp_path / "round"
-    command = [str(Path(sys.executable).parent / "capfilt"), "run", "--address", address,
-               "--input", str(inputs), "--output", str(out),
-               "--captioner", str(tiny_models["captioner"]), "--filter",
-               str(tiny_models["filter"]), "--workers", "2", "--batch-size", "8"]
+    # The driver runs without torch: it only plans, hands out shards and writes the manifest.
+    command = torch_free_capfilt("run", "--address", address, "--input", inputs, "--output", out,
+                                 "--captioner", tiny_models["captioner"], "--filter",
+                                 tiny_models["filter"], "--workers", "2", "--batch-size", "8")
     driver = subprocess.Popen(command, env={**os.environ, **CLUSTER_ENV},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # One actor on each node: their processes live in each node's session.
-    sessions = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
-        {session_of(pid) for pid in worker_pids()} & {head.pid, second.pid}), timeout=120)
-    assert sessions == {head.pid, second.pid}
-    wait_for(lambda: len(list((out / "stats").glob("*.json"))) >= 2, timeout=120)
+    try:
+        # One actor on each node: their processes live in each node's session.
+        sessions = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
+            {session_of(pid) for pid in worker_pids()} & {head.pid, second.pid}), timeout=120)
+        assert sessions == {head.pid, second.pid}
+        wait_for(lambda: len(list((out / "stats").glob("*.json"))) >= 2, timeout=120)
+    except (TimeoutError, AssertionError):
+        driver.kill()
+        stdout, stderr = driver.communicate()
+        raise AssertionError(f"driver exit {driver.returncode}; its stderr:\n{stderr[-3000:]}")
     os.killpg(second.pid, signal.SIGKILL)  # the second machine goes away mid-round
     second.wait()
     stdout, stderr = driver.communicate(timeout=300)

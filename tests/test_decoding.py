@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from capfilt.decoding import ProcessDecoder, ThreadDecoder
-from capfilt.images import ImageRejected, ImageTransform
+from capfilt.image_transform import ImageTransform
+from capfilt.images import ImageRejected
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 from capfilt.shard_reader import INPUT_SCHEMA
 

@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from capfilt.captioner import Captioner, SamplingConfig
+from capfilt.captioner import Captioner
 from capfilt.scorer import Scorer
+from capfilt.stage_config import SamplingConfig
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.captioner import SamplingConfig
 from capfilt.sample_shards import write_sample_shards
-from capfilt.stage import StageConfig
+from capfilt.stage_config import SamplingConfig, StageConfig
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
+from tests.torch_free import torch_free_capfilt
 
 SHARDS, ROWS = 6, 96
 
@@ -93,10 +93,11 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(uninterrupted, t
 
 
 def capfilt_command(models, inputs, output) -> list[str]:
-    return [str(Path(sys.executable).parent / "capfilt"), "run", "--input", str(inputs),
-            "--output", str(output), "--captioner", str(models["captioner"]),
-            "--filter", str(models["filter"]), "--num-captions", "2", "--seed", "11",
-            "--batch-size", "8", "--workers", "1"]
+    """``capfilt run`` as the driver runs it: in its own process, without torch."""
+    return torch_free_capfilt("run", "--input", inputs, "--output", output, "--captioner",
+                              models["captioner"], "--filter", models["filter"],
+                              "--num-captions", "2", "--seed", "11", "--batch-size", "8",
+                              "--workers", "1")
 
 
 def test_the_driver_killed_mid_round_then_rerun_gives_the_uninterrupted_output(

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from transformers import BlipImageProcessor
 
-from capfilt.images import ImageRejected, ImageTransform, decode_image
+from capfilt.image_transform import ImageTransform
+from capfilt.images import ImageRejected, decode_image
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 
 

@@ -12,13 +12,13 @@ from transformers import (
     InstructBlipProcessor,
 )
 
-from capfilt.captioner import SamplingConfig
 from capfilt.captioner_lm import LanguageModelCaptioner
 from capfilt.captioners import make_captioner
 from capfilt.models import load_model
 from capfilt.seeding import caption_seed
 from capfilt.shard_reader import read_shard
-from capfilt.stage import CapFiltStage, StageConfig
+from capfilt.stage import CapFiltStage
+from capfilt.stage_config import SamplingConfig, StageConfig
 from capfilt.tiny import tiny_processor
 
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

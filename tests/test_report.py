@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.captioner import SamplingConfig
 from capfilt.sample_shards import IMG2DATASET_SCHEMA, sample_rows, write_sample_shards
-from capfilt.stage import StageConfig
+from capfilt.stage_config import SamplingConfig, StageConfig
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.captioner import SamplingConfig
 from capfilt.round_check import check_round
-from capfilt.stage import StageConfig
+from capfilt.stage_config import SamplingConfig, StageConfig
 from manifests import validate_manifest
 from pipelines.plan import PlanError, RoundOptions
 from pipelines.round import run_round
+from tests.torch_free import torch_free_python
 
 
 def options(models, inputs, output, **changes) -> RoundOptions:
@@ -80,6 +80,29 @@ def test_manifest_validates_against_the_schema(first_round, tiny_models):
     assert sum(i["rows"] for i in data["inputs"]) == 14
     assert set(data["versions"]) >= {"capfilt", "torch", "transformers", "ray"}
     assert not list(out.rglob("*.tmp-*"))
+
+
+def test_the_driver_checks_and_names_models_without_torch(tiny_models):
+    """The driver's side of a round (plan, dispatch, actors' module, manifest) imports no torch
+    or transformers; what it records of a model comes from the model's files."""
+    from capfilt.models import model_class
+    from pipelines.jobs import job_versions
+
+    code = ("import json, pipelines.round, pipelines.dispatch, workers.shard_worker\n"
+            "from capfilt.model_source import check_model_source, model_class_name, weights_sha256\n"
+            "from pipelines.jobs import job_versions\n"
+            "for path, role in zip(sys.argv[1:], ('captioner', 'filter')):\n"
+            "    check_model_source(path, role)\n"
+            "print(json.dumps({'classes': [model_class_name(p, r) for p, r in\n"
+            "                              zip(sys.argv[1:], ('captioner', 'filter'))],\n"
+            "                  'sha': weights_sha256(sys.argv[2]), 'versions': job_versions()}))\n")
+    run = subprocess.run(torch_free_python(code, tiny_models["captioner"], tiny_models["filter"]),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout)
+    assert seen["classes"] == [model_class(str(tiny_models[r]), r).__name__
+                               for r in ("captioner", "filter")]
+    assert len(seen["sha"]) == 64 and seen["versions"] == job_versions()
 
 
 def test_rerun_skips_finished_shards_and_redoes_a_lost_one_identically(

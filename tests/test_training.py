@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from capfilt.bleu import corpus_bleu
-from capfilt.images import ImageTransform
+from capfilt.image_transform import ImageTransform
 from capfilt.sample_shards import COLOURS, IMG2DATASET_SCHEMA
 from capfilt.tiny import save_random_models, tiny_config, tiny_processor
 from capfilt.train.blip_pair import BlipPair
@@ -108,8 +108,7 @@ def test_each_pretraining_loss_goes_down(pretrained):
 
 
 def test_exported_models_load_and_run_a_round(pretrained, squares, ray_local, tmp_path):
-    from capfilt.captioner import SamplingConfig
-    from capfilt.stage import StageConfig
+    from capfilt.stage_config import SamplingConfig, StageConfig
     from pipelines.plan import RoundOptions
     from pipelines.round import run_round
 

@@ -1,4 +1,7 @@
-"""The Ray actor that holds a captioner and a filter and processes whole shards."""
+"""The Ray actor that holds a captioner and a filter and processes whole shards.
+
+torch and the models are imported inside the actor, never at import: the driver imports this
+module to start actors and stays free of torch (it starts in about a second)."""
 
 from __future__ import annotations
 
@@ -6,11 +9,9 @@ import os
 import socket
 
 import ray
-import torch
 
 from capfilt.shard_reader import ReaderOptions
-from capfilt.shard_runner import run_shard
-from capfilt.stage import CapFiltStage, StageConfig
+from capfilt.stage_config import StageConfig
 from capfilt.terminal import configure_logging
 
 
@@ -18,6 +19,10 @@ class ShardWorker:
     """Loads the models once in ``__init__``; each ``process`` call is one shard, committed."""
 
     def __init__(self, config: StageConfig, torch_threads: int | None = None):
+        import torch
+
+        from capfilt.stage import CapFiltStage
+
         if torch_threads:
             torch.set_num_threads(torch_threads)
         configure_logging("WARNING")  # worker logs reach the driver's terminal
@@ -30,6 +35,8 @@ class ShardWorker:
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
                 reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = ()) -> dict:
+        from capfilt.shard_runner import run_shard
+
         node = ray.get_runtime_context().get_node_id()[:12]
         result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
                            worker=f"{node}/{os.getpid()}", write=write)

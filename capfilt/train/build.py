@@ -23,7 +23,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from capfilt.models import weights_sha256
+from capfilt.model_source import weights_sha256
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.tasks import CaptionerTask, FilterTask, PretrainTask
 from capfilt.train.timm_vision import blip_vision_config, load_timm_into

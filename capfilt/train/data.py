@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from capfilt.images import ImageRejected, ImageTransform, decode_image
+from capfilt.image_transform import ImageTransform
+from capfilt.images import ImageRejected, decode_image
 from capfilt.shard_reader import SUCCESS, expand_inputs, read_shard
 
 VIEWS = ("kept", "kept_web", "web_and_synthetic", "web")
