@@ -20,8 +20,26 @@ from tests.torch_free import torch_free_capfilt
 SHARDS, ROWS = 6, 96
 
 
+def parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from_this_test(pid: int) -> bool:
+    """Started, through any chain of parents, by this process: its own Ray's actors, or those
+    of a driver or node it started; never another test process's (pytest -n runs several)."""
+    me = os.getpid()
+    while pid > 1:
+        pid = parent_pid(pid)
+        if pid == me:
+            return True
+    return False
+
+
 def worker_pids() -> list[int]:
-    """Processes Ray titled as our actor (``ray::ShardWorker...``)."""
+    """Processes Ray titled as our actor (``ray::ShardWorker...``), started from this test."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -29,7 +47,7 @@ def worker_pids() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline.startswith(b"ray::ShardWorker"):
+            if cmdline.startswith(b"ray::ShardWorker") and descends_from_this_test(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
 
