@@ -21,7 +21,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from pipelines.bootstrap import _train
+from pipelines.bootstrap import train_step
 from pipelines.bootstrap_config import load_bootstrap_config
 from pipelines.side_by_side import cores, run_side_by_side
 
@@ -29,7 +29,7 @@ from pipelines.side_by_side import cores, run_side_by_side
 def pretrain(run: str, steps: int, seed: int, out: str) -> None:
     cfg = load_bootstrap_config(Path(run) / "bootstrap.toml")
     step = replace(cfg.pretrain, config=replace(cfg.pretrain.config, steps=steps, seed=seed))
-    _train(step, "pretrain", cfg.init, [*cfg.web, *cfg.clean], Path(out))
+    train_step(step, "pretrain", cfg.init, [*cfg.web, *cfg.clean], Path(out))
 
 
 def main() -> None:

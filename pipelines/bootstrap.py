@@ -48,16 +48,16 @@ def train_model(cfg: BootstrapConfig, folder: Path, data: list[str],
     """Pre-train from ``cfg.init`` on ``data``, fine-tune captioner and filter on the clean set
     (skipped when no round needs them and the table evaluates pre-trained models), evaluate on
     the test set. Returns the captioner and filter a round would use and the evaluated ones."""
-    _train(cfg.pretrain, "pretrain", cfg.init, data, folder / "pretrain", cfg.vision_init)
+    train_step(cfg.pretrain, "pretrain", cfg.init, data, folder / "pretrain", cfg.vision_init)
     pretrained = {"captioner": str(folder / "pretrain" / "captioner"),
                   "filter": str(folder / "pretrain" / "filter")}
     zero_shot = cfg.eval.models == "pretrained"
     models = dict(pretrained)
     if feeds_a_round or not zero_shot:
-        _train(cfg.finetune_captioner, "captioner", str(folder / "pretrain"), list(cfg.clean),
-               folder / "captioner")
-        _train(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
-               folder / "filter")
+        train_step(cfg.finetune_captioner, "captioner", str(folder / "pretrain"),
+                   list(cfg.clean), folder / "captioner")
+        train_step(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
+                   folder / "filter")
         models = {"captioner": str(folder / "captioner" / "captioner"),
                   "filter": str(folder / "filter" / "filter")}
     evaluated = pretrained if zero_shot else models
@@ -74,8 +74,9 @@ def train_model(cfg: BootstrapConfig, folder: Path, data: list[str],
     return models
 
 
-def _train(step: StepTraining, task: str, init: str, data: list[str], out: Path,
-           vision_init: str | None = None) -> None:
+def train_step(step: StepTraining, task: str, init: str, data: list[str], out: Path,
+               vision_init: str | None = None) -> None:
+    """One training of a bootstrap with its step's settings (skipped when already finished)."""
     run_training(TrainJob(task=task, init=init, data=tuple(data), output=str(out),
                           config=step.config, workers=step.workers, device=step.device,
                           negative_mix=step.negative_mix, vision_init=vision_init))

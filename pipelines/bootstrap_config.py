@@ -147,6 +147,10 @@ def load_bootstrap_config(path: str | Path) -> BootstrapConfig:
         raise BootstrapConfigError(f"{path}: {exc}") from exc
     base = path.parent
     seed = int(data.get("seed", 0))
+    known = {f.name for f in fields(BootstrapConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:  # a misspelt key would otherwise leave its default in force, unseen
+        raise BootstrapConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
     try:
         for key in ("output", "clean", "web", "init"):
             if key not in data:

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        # Looked up, not imported: pipelines.dispatch loads torch, which commands that only
+        # Looked up, not imported: pipelines.dispatch loads Ray, which commands that only
         # read files (validate, report, lineage) should not wait for; and only a loaded
         # dispatch raises its WorkerStartError.
         dispatch = sys.modules.get("pipelines.dispatch")

@@ -17,7 +17,7 @@ from capfilt.train.build import build_task, output_refs
 from capfilt.train.checkpoints import latest_checkpoint, load_checkpoint
 from capfilt.train.data import Source, batches_for, load_training_data
 from capfilt.train.loop import TrainConfig, train
-from capfilt.train.progress import TrainProgress
+from capfilt.train.progress import TrainProgress, job_label
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.jobs import job_versions, now, parent_manifest
@@ -77,7 +77,7 @@ def run_training(job: TrainJob) -> JobManifest:
         built.task.to(job.device)
         batches = batches_for(data, built.processor, job.config)
         result = train(built.task, batches, job.config, out / "checkpoints", device=job.device,
-                       on_log=TrainProgress(f"{out.parent.name}/{out.name}", job.config.steps))
+                       on_log=TrainProgress(job_label(job.output), job.config.steps))
         history, resumed = result.history, result.resumed_from
     paths = built.task.cpu().export(out, built.processor)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))

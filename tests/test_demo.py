@@ -87,6 +87,9 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
                     "[pretrain]\nsteps = 10\nlearning_rate = 1\n")
     with pytest.raises(BootstrapConfigError, match="learning_rate"):
         load_bootstrap_config(path)
+    path.write_text('output = "o"\nclean = ["c"]\nweb = ["w"]\ninit = "scratch:m"\nablaton = true\n')
+    with pytest.raises(BootstrapConfigError, match=r"unknown keys \['ablaton'\]"):
+        load_bootstrap_config(path)
     path.write_text('output = "o"\nclean = ["c"]\ninit = "scratch:m"\n')
     with pytest.raises(BootstrapConfigError, match="web is required"):
         load_bootstrap_config(path)

@@ -59,3 +59,11 @@ def test_training_time_left_counts_from_the_first_logged_step_not_from_loading()
     assert first == "pretrain step 100/300 | itc 2.000 | lr 1.00e-03 | 100.0 images/s"
     assert second.startswith("pretrain step 200/300 | itc 2.000") and "s left" in second
     assert last == "pretrain step 300/300 | itc 2.000 | lr 1.00e-03 | 100.0 images/s"
+
+
+def test_training_jobs_are_named_after_their_output_folder():
+    from capfilt.train.progress import job_label
+
+    assert job_label("/work/runs/demo/round-1/pretrain") == "round-1/pretrain"
+    assert job_label("runs/demo/ablation/kept_web/") == "ablation/kept_web"
+    assert job_label("out") == "out"

@@ -235,3 +235,12 @@ def test_command_line_names_failed_shards_safely_and_refuses_a_missing_model(
                     str(tmp_path / "R2"), "--captioner", str(tmp_path / "nowhere" / "captioner"),
                     "--filter", str(tiny_models["filter"])])
     assert missing == 2 and "captioner model" in capsys.readouterr().err
+    # Files that pass the plan's checks but do not load: the worker fails to start, exit 3.
+    corrupt = tmp_path / "corrupt-filter"
+    shutil.copytree(tiny_models["filter"], corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors")
+    unloadable = main(["run", "--input", f"{img2dataset_parquet}/*.parquet", "--output",
+                       str(tmp_path / "R4"), "--captioner", str(tiny_models["captioner"]),
+                       "--filter", str(corrupt)])
+    assert unloadable == 3 and "a worker could not start" in capsys.readouterr().err
+    assert not (tmp_path / "R4" / "manifest.json").exists()

@@ -27,7 +27,7 @@ def _loop_per_worker(settings: dict) -> None:
     from capfilt.train.build import build_task
     from capfilt.train.data import Source, batches_for, load_training_data
     from capfilt.train.loop import train
-    from capfilt.train.progress import TrainProgress
+    from capfilt.train.progress import TrainProgress, job_label
 
     configure_logging("INFO")
     job = settings["job"]
@@ -42,7 +42,7 @@ def _loop_per_worker(settings: dict) -> None:
     train(built.task, batches_for(data, built.processor, job.config), job.config,
           Path(job.output) / "checkpoints", model=model, rank=context.get_world_rank(),
           world=context.get_world_size(), device=str(device),
-          on_log=TrainProgress(job.task, job.config.steps))
+          on_log=TrainProgress(job_label(job.output), job.config.steps))
 
 
 class Trainer(TorchTrainer):

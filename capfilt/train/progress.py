@@ -10,6 +10,13 @@ import time
 log = logging.getLogger(__name__)
 
 
+def job_label(output: str) -> str:
+    """How a training job names itself in progress lines: its output folder and the one above
+    (``round-1/pretrain``), so jobs that share a terminal can be told apart."""
+    parts = [p for p in output.replace("\\", "/").rstrip("/").split("/") if p]
+    return "/".join(parts[-2:]) or output
+
+
 class TrainProgress:
     """Steps, losses, images/s and time left of a training job: one line per log interval
     (rewritten in place on a terminal)."""
