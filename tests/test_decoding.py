@@ -1,9 +1,13 @@
 """Decoding in processes (GPU workers) gives what decoding in threads gives, and survives a
 decoding process that dies."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -67,3 +71,56 @@ def test_processes_decode_as_threads_do_and_outlive_a_killed_process(transforms)
         assert torch.equal(shared.caption_pixels, expected.caption_pixels)
     finally:
         decoder.close()
+
+
+SMALL_SHM_CHILD = """
+import json, logging, sys
+import torch
+from capfilt.decoding import ProcessDecoder, ThreadDecoder
+from capfilt.image_transform import ImageTransform
+from tests.test_decoding import batch
+from torchvision.transforms.v2.functional import InterpolationMode
+
+
+def main():
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    caption = ImageTransform(224, 224, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
+    filter_ = ImageTransform(24, 20, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
+    rows = batch()
+    expected = ThreadDecoder(caption, filter_, threads=2)(rows, pin=False)
+    decoder = ProcessDecoder(caption, filter_, processes=2)
+    try:
+        got = decoder(rows, pin=False)
+        print(json.dumps({
+            "threads": decoder.fallback is not None,
+            "pool_started": bool(decoder.pool._processes),
+            "outcomes": [o.reason if hasattr(o, "reason") else list(o) for o in got.outcomes],
+            "same": torch.equal(got.caption_pixels, expected.caption_pixels)
+                    and torch.equal(got.filter_pixels, expected.filter_pixels),
+        }))
+    finally:
+        decoder.close()
+
+
+if __name__ == "__main__":  # decoding processes are spawned: they import this file
+    main()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small /dev/shm needs root")
+def test_a_dev_shm_too_small_for_the_batch_sends_decoding_to_threads(tmp_path):
+    """A real 256 KiB /dev/shm (a tmpfs mounted over it in a private mount namespace, as a
+    container's 64 MB is to a large batch): the 6 x 224 x 224 block does not fit."""
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "child.py"
+    script.write_text(SMALL_SHM_CHILD)
+    run = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=256k tmpfs /dev/shm && exec "$0" "$1"', sys.executable,
+         str(script)], capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == {"threads": True, "pool_started": False, "same": True, "outcomes": [
+        [64, 64], "undecodable_image", [64, 64], "failed_to_download", [64, 64], [64, 64]]}
+    assert "/dev/shm cannot hold a batch of 6 images: decoding in threads" in run.stderr
