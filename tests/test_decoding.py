@@ -3,6 +3,7 @@ decoding process that dies."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +108,8 @@ if __name__ == "__main__":  # decoding processes are spawned: they import this f
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small /dev/shm needs root")
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounting a small /dev/shm needs root and unshare (util-linux)")
 def test_a_dev_shm_too_small_for_the_batch_sends_decoding_to_threads(tmp_path):
     """A real 256 KiB /dev/shm (a tmpfs mounted over it in a private mount namespace, as a
     container's 64 MB is to a large batch): the 6 x 224 x 224 block does not fit."""
