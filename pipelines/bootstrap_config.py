@@ -96,9 +96,14 @@ class BootstrapConfig:
             raise BootstrapConfigError("ablation = true needs rounds >= 1 (its rows train on round 1)")
         if self.parallel < 1:
             raise BootstrapConfigError(f"parallel = {self.parallel}: use 1 or more")
+        steps = {"pretrain": self.pretrain, "finetune_captioner": self.finetune_captioner,
+                 "finetune_filter": self.finetune_filter}
+        for name, step in steps.items():
+            if step.workers > 1 and step.config.batch_size % step.workers:
+                raise BootstrapConfigError(
+                    f"[{name}] batch_size {step.config.batch_size} does not divide by workers "
+                    f"{step.workers}: each worker takes an equal share")
         if self.parallel > 1:
-            steps = {"pretrain": self.pretrain, "finetune_captioner": self.finetune_captioner,
-                     "finetune_filter": self.finetune_filter}
             for name, step in steps.items():
                 if step.device != "cpu" or step.workers != 1:
                     # Processes side by side split this machine's cores; a GPU or Ray Train

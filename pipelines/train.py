@@ -42,6 +42,12 @@ class TrainJob:
     address: str | None = None
     negative_mix: float = 0.0
 
+    def __post_init__(self):
+        if self.workers > 1 and self.config.batch_size % self.workers:
+            # Each worker takes an equal share; ITC and its gradients span the whole batch.
+            raise ValueError(f"batch_size {self.config.batch_size} does not divide by "
+                             f"workers {self.workers}: give each worker an equal share")
+
     def parameters(self) -> dict:
         return {"task": self.task, "init": self.init, "data": list(self.data),
                 "vision_init": self.vision_init, "negative_mix": self.negative_mix,

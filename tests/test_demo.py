@@ -105,6 +105,13 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
     path.write_text(path.read_text().replace('dtype = "bf16"', "")
                     .replace("[pretrain]\n", '[pretrain]\ndevice = "cuda"\n'))
     load_bootstrap_config(path)  # one training at a time may use the GPU
+    path.write_text(path.read_text().replace("[finetune_filter]\n",
+                                             "[finetune_filter]\nworkers = 3\nbatch_size = 64\n"))
+    with pytest.raises(BootstrapConfigError, match=r"\[finetune_filter\] batch_size 64 does not "
+                                                   "divide by workers 3"):
+        load_bootstrap_config(path)
+    path.write_text(path.read_text().replace("workers = 3\n", "workers = 2\n"))
+    load_bootstrap_config(path)
     path.write_text("parallel = 3\n" + path.read_text())
     with pytest.raises(BootstrapConfigError, match=r"parallel = 3 .*\[pretrain\] must have device"):
         load_bootstrap_config(path)

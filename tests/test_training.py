@@ -241,6 +241,11 @@ def test_two_ray_train_workers_train_alike(blank, squares, pretrained, ray_local
     BlipForConditionalGeneration.from_pretrained(tmp_path / "ddp" / "captioner")
 
 
+def test_a_batch_that_does_not_divide_by_the_workers_is_refused(blank, squares, tmp_path):
+    with pytest.raises(ValueError, match="batch_size 16 does not divide by workers 3"):
+        job("pretrain", f"scratch:{blank}", [squares], tmp_path / "x", workers=3)
+
+
 def test_ray_train_drops_the_cleaner_that_would_wait_for_a_missing_dashboard():
     from ray.train import ScalingConfig
 
@@ -277,3 +282,30 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(blank, squares, pret
         assert resumed["step"] == straight["step"]
         for name in ("itc", "itm", "lm"):
             assert resumed[name] == pytest.approx(straight[name], rel=1e-4), (resumed["step"], name)
+
+
+def test_itc_across_two_ranks_is_itc_over_the_whole_batch(tmp_path):
+    """Two real processes joined by gloo, each with half of one batch: the mean of their ITC
+    losses is the one-process loss on the whole batch, and their feature gradients are the
+    whole batch's times the number of ranks (DDP then averages over ranks)."""
+    from capfilt.train.objectives import itc_loss
+    from capfilt.train.tasks import same_text
+    from tests import itc_ranks
+
+    root = Path(__file__).resolve().parent.parent
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.itc_ranks", str(rank), "2",
+                               str(tmp_path / "init"), str(tmp_path)], cwd=root)
+             for rank in range(2)]
+    assert [r.wait(timeout=120) for r in ranks] == [0, 0]
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+    image, text = (t.clone().requires_grad_() for t in itc_ranks.features())
+    loss, sim = itc_loss(image, text, torch.tensor(itc_ranks.TEMP), same_text(itc_ranks.TEXTS))
+    loss.backward()
+    half = itc_ranks.BATCH // 2
+    assert torch.allclose((got[0]["loss"] + got[1]["loss"]) / 2, loss, atol=1e-6)
+    for rank, part in enumerate(got):
+        rows = slice(rank * half, (rank + 1) * half)
+        assert torch.allclose(part["image_grad"], 2 * image.grad[rows], atol=1e-6)
+        assert torch.allclose(part["text_grad"], 2 * text.grad[rows], atol=1e-6)
+        assert torch.allclose(part["sim"], sim[rows, rows].detach(), atol=1e-6)

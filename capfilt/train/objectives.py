@@ -6,6 +6,7 @@ Each takes tensors and returns a scalar; the modules in ``tasks.py`` wire them t
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE = -100
@@ -20,11 +21,58 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tens
     written for another image); the target spreads evenly over them, as BLIP's idx targets do.
     """
     sim_i2t = image_feat @ text_feat.t() / temp
-    targets = positive.float() / positive.float().sum(dim=1, keepdim=True)
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
-    targets_t = positive.t().float() / positive.t().float().sum(dim=1, keepdim=True)
-    loss_t2i = -(F.log_softmax(sim_i2t.t(), dim=1) * targets_t).sum(dim=1).mean()
+    loss_i2t = _soft_cross_entropy(sim_i2t, positive)
+    loss_t2i = _soft_cross_entropy(sim_i2t.t(), positive.t())
     return (loss_i2t + loss_t2i) / 2, sim_i2t
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Every rank's rows, in rank order; gradients flow back to the rank that owns each row
+    (BLIP's ``GatherLayer``: all-reduce the gradient, keep one's own slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def itc_loss_across_ranks(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
+                          texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``itc_loss`` over the whole global batch under DDP, as BLIP computes it: this rank's
+    images against every rank's texts and this rank's texts against every rank's images, the
+    features gathered with their gradients. A text equal to an image's own (on any rank) is a
+    positive. Returns (loss, this rank's own image-to-text block of similarities), the block
+    from which hard negatives are drawn. Ranks must hold equally many rows."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    all_texts: list = [None] * world
+    dist.all_gather_object(all_texts, list(texts))
+    flat = [t for part in all_texts for t in part]
+    if any(len(part) != len(texts) for part in all_texts):
+        raise ValueError(f"ranks hold {[len(p) for p in all_texts]} rows: ITC across ranks "
+                         "needs a global batch that divides by the number of workers")
+    image_all, text_all = _GatherWithGrad.apply(image_feat), _GatherWithGrad.apply(text_feat)
+    positive = torch.tensor([[a == b for b in flat] for a in texts], device=image_feat.device)
+    loss_i2t = _soft_cross_entropy(image_feat @ text_all.t() / temp, positive)
+    loss_t2i = _soft_cross_entropy(text_feat @ image_all.t() / temp, positive)
+    own = slice(rank * len(texts), (rank + 1) * len(texts))
+    return (loss_i2t + loss_t2i) / 2, (image_feat @ text_all[own].t() / temp)
+
+
+def _soft_cross_entropy(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    targets = positive.float() / positive.float().sum(dim=1, keepdim=True)
+    return -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
 
 
 def hard_negatives(sim_i2t: torch.Tensor, positive: torch.Tensor,

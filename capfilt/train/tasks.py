@@ -24,8 +24,10 @@ from transformers import (
 from capfilt.scorer import MAX_TEXT_TOKENS, enc_token_id
 from capfilt.train.blip_pair import BlipPair, export_models
 from capfilt.train.objectives import (
+    distributed,
     hard_negatives,
     itc_loss,
+    itc_loss_across_ranks,
     itm_loss,
     lm_labels,
     lm_loss,
@@ -65,7 +67,10 @@ def _contrastive_and_matching(model: BlipForImageTextRetrieval, temp: nn.Paramet
     with torch.no_grad():
         temp.clamp_(*TEMP_RANGE)
     positive = same_text(texts).to(ids.device)
-    loss_itc, sim = itc_loss(image_feat, text_feat, temp, positive)
+    if distributed():  # Ray Train: ITC over the global batch, as BLIP's all_gather does
+        loss_itc, sim = itc_loss_across_ranks(image_feat, text_feat, temp, texts)
+    else:
+        loss_itc, sim = itc_loss(image_feat, text_feat, temp, positive)
     neg_text, neg_image = hard_negatives(sim.detach(), positive, generator, negative_mix)
     enc_ids = ids.clone()
     enc_ids[:, 0] = enc_id
