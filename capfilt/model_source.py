@@ -20,7 +20,6 @@ MODEL_TYPES = {
     "filter": {"blip": "BlipForImageTextRetrieval", "blip-2": "Blip2ForImageTextRetrieval",
                "clip": "CLIPModel"},
 }
-DEFAULT_CLASSES = {"captioner": "BlipForConditionalGeneration", "filter": "BlipForImageTextRetrieval"}
 ROLE_FAMILIES = {"captioner": "BLIP, BLIP-2 or InstructBLIP captioning",
                  "filter": "BLIP ITM, BLIP-2 ITM or CLIP"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -82,7 +81,7 @@ def check_model_source(source: str, role: str) -> None:
 def model_class_name(source: str, role: str) -> str:
     """The name of the transformers class for ``role`` that the checkpoint's config names."""
     model_type = read_config(source).get("model_type")
-    return MODEL_TYPES[role].get(model_type, DEFAULT_CLASSES[role])
+    return MODEL_TYPES[role].get(model_type, MODEL_TYPES[role]["blip"])
 
 
 def gives_itm(source: str) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from capfilt.models import DTYPES
 from capfilt.train.loop import TrainConfig
+from pipelines.train import uneven_shares
 
 
 class BootstrapConfigError(ValueError):
@@ -99,10 +100,9 @@ class BootstrapConfig:
         steps = {"pretrain": self.pretrain, "finetune_captioner": self.finetune_captioner,
                  "finetune_filter": self.finetune_filter}
         for name, step in steps.items():
-            if step.workers > 1 and step.config.batch_size % step.workers:
-                raise BootstrapConfigError(
-                    f"[{name}] batch_size {step.config.batch_size} does not divide by workers "
-                    f"{step.workers}: each worker takes an equal share")
+            uneven = uneven_shares(step.config.batch_size, step.workers)
+            if uneven:
+                raise BootstrapConfigError(f"[{name}] {uneven}")
         if self.parallel > 1:
             for name, step in steps.items():
                 if step.device != "cpu" or step.workers != 1:

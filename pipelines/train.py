@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 KIND = {"pretrain": "pretrain", "captioner": "finetune-captioner", "filter": "finetune-filter"}
 
 
+def uneven_shares(batch_size: int, workers: int) -> str | None:
+    """Why ``batch_size`` cannot be split over ``workers``, or None. Each worker takes an equal
+    share; ITC and its gradients span the whole batch (``objectives.itc_loss_across_ranks``)."""
+    if workers > 1 and batch_size % workers:
+        return f"batch_size {batch_size} does not divide by workers {workers}: give each an equal share"
+    return None
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """One training run, as plain data (it travels to Ray Train workers)."""
@@ -43,10 +51,9 @@ class TrainJob:
     negative_mix: float = 0.0
 
     def __post_init__(self):
-        if self.workers > 1 and self.config.batch_size % self.workers:
-            # Each worker takes an equal share; ITC and its gradients span the whole batch.
-            raise ValueError(f"batch_size {self.config.batch_size} does not divide by "
-                             f"workers {self.workers}: give each worker an equal share")
+        uneven = uneven_shares(self.config.batch_size, self.workers)
+        if uneven:
+            raise ValueError(uneven)
 
     def parameters(self) -> dict:
         return {"task": self.task, "init": self.init, "data": list(self.data),

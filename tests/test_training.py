@@ -288,8 +288,7 @@ def test_itc_across_two_ranks_is_itc_over_the_whole_batch(tmp_path):
     """Two real processes joined by gloo, each with half of one batch: the mean of their ITC
     losses is the one-process loss on the whole batch, and their feature gradients are the
     whole batch's times the number of ranks (DDP then averages over ranks)."""
-    from capfilt.train.objectives import itc_loss
-    from capfilt.train.tasks import same_text
+    from capfilt.train.objectives import itc_loss, same_text
     from tests import itc_ranks
 
     root = Path(__file__).resolve().parent.parent

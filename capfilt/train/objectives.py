@@ -13,6 +13,13 @@ IGNORE = -100
 LABEL_SMOOTHING = 0.1
 
 
+def same_text(texts: list[str]) -> torch.Tensor:
+    """``[i, j]`` true when text j equals text i: another image's identical caption is no negative."""
+    ids = {text: n for n, text in enumerate(dict.fromkeys(texts))}
+    index = torch.tensor([ids[text] for text in texts])
+    return index.unsqueeze(0) == index.unsqueeze(1)
+
+
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
              positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In-batch contrastive loss on normalised features; returns (loss, image-to-text sims).
@@ -63,10 +70,10 @@ def itc_loss_across_ranks(image_feat: torch.Tensor, text_feat: torch.Tensor, tem
         raise ValueError(f"ranks hold {[len(p) for p in all_texts]} rows: ITC across ranks "
                          "needs a global batch that divides by the number of workers")
     image_all, text_all = _GatherWithGrad.apply(image_feat), _GatherWithGrad.apply(text_feat)
-    positive = torch.tensor([[a == b for b in flat] for a in texts], device=image_feat.device)
+    own = slice(rank * len(texts), (rank + 1) * len(texts))
+    positive = same_text(flat)[own].to(image_feat.device)
     loss_i2t = _soft_cross_entropy(image_feat @ text_all.t() / temp, positive)
     loss_t2i = _soft_cross_entropy(text_feat @ image_all.t() / temp, positive)
-    own = slice(rank * len(texts), (rank + 1) * len(texts))
     return (loss_i2t + loss_t2i) / 2, (image_feat @ text_all[own].t() / temp)
 
 

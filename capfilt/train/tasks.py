@@ -31,18 +31,12 @@ from capfilt.train.objectives import (
     itm_loss,
     lm_labels,
     lm_loss,
+    same_text,
 )
 
 TASKS = ("pretrain", "captioner", "filter")
 CAPTION_PROMPT = "a picture of "
 TEMP_RANGE = (0.001, 0.5)
-
-
-def same_text(texts: list[str]) -> torch.Tensor:
-    """``[i, j]`` true when text j equals text i: another image's identical caption is no negative."""
-    ids = {text: n for n, text in enumerate(dict.fromkeys(texts))}
-    index = torch.tensor([ids[text] for text in texts])
-    return index.unsqueeze(0) == index.unsqueeze(1)
 
 
 class _Text:
