@@ -78,11 +78,16 @@ def url_list_round(tmp_path_factory, ray_local, tiny_models):
     one, a broken and a missing file from 127.0.0.1, then a round writes parquet and
     webdataset shards. Returns (work folder, url list, round folder)."""
     from pipelines.cli import main
+    from tests.torch_free import torch_hidden_env
     from tests.web_world import write_url_list
 
     work = tmp_path_factory.mktemp("urllist")
     round_dir = work / "rounds" / "round-0001"
-    with write_url_list(work) as urls:
+    # img2dataset's spawned downloader starts without torch (tests/torch_free.py); Ray's
+    # workers, started with the session's Ray, keep their own environment.
+    hidden = torch_hidden_env(work / "no-torch")["PYTHONPATH"]
+    with write_url_list(work) as urls, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", hidden)
         code = main(["run", "--url-list", str(urls), "--output", str(round_dir),
                      "--captioner", str(tiny_models["captioner"]),
                      "--filter", str(tiny_models["filter"]), "--workers", "1",

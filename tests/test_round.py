@@ -121,14 +121,21 @@ def test_rerun_skips_finished_shards_and_redoes_a_lost_one_identically(
     assert rows_by_key(out) == before
 
 
-def test_same_captions_with_another_batch_size(first_round, tiny_models, img2dataset_parquet,
-                                               tmp_path):
-    """... and images decoded in processes (as on a GPU worker) inside the Ray worker."""
-    settings = options(tiny_models, [img2dataset_parquet], tmp_path / "r", batch_size=3, workers=1)
+@pytest.fixture(scope="module")
+def second_round(first_round, tiny_models, img2dataset_parquet, tmp_path_factory):
+    """Round 2 over the same shards, child of the first, with another batch size, one worker
+    and images decoded in processes (as on a GPU worker) inside the Ray worker."""
+    out = tmp_path_factory.mktemp("rounds") / "round-0002"
+    settings = options(tiny_models, [img2dataset_parquet], out, batch_size=3, workers=1,
+                       round=2, parent=str(first_round[0]))
     settings.stage = replace(settings.stage, decode_processes=2)
-    manifest = run_round(settings)
+    return out, run_round(settings)
+
+
+def test_same_captions_with_another_batch_size(first_round, second_round):
+    out, manifest = second_round
     assert manifest.status == "complete"
-    ours, theirs = rows_by_key(tmp_path / "r"), rows_by_key(first_round[0])
+    ours, theirs = rows_by_key(out), rows_by_key(first_round[0])
     assert {k: r["synthetic_captions"] for k, r in ours.items()} == {
         k: r["synthetic_captions"] for k, r in theirs.items()}
 
@@ -140,9 +147,9 @@ def test_a_rerun_with_other_settings_is_refused(first_round, tiny_models, img2da
         run_round(changed)
 
 
-def test_a_round_names_its_parent(first_round, tiny_models, img2dataset_parquet, tmp_path):
-    manifest = run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "round-0002",
-                                 round=2, parent=str(first_round[0]), workers=1))
+def test_a_round_names_its_parent(first_round, second_round, tiny_models, img2dataset_parquet,
+                                  tmp_path):
+    _, manifest = second_round
     assert (manifest.round, manifest.parent) == (2, str(first_round[0]))
     with pytest.raises(PlanError, match="no manifest"):
         run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "x", round=2,

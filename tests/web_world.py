@@ -1,14 +1,14 @@
 """Real img2dataset output for the tests: images served on 127.0.0.1, downloaded by img2dataset.
 
 Nothing leaves this machine: the HTTP server binds the loopback address and img2dataset runs
-as its own command, exactly as a user runs it.
+as its own command, exactly as a user runs it (without torch, which it does not need:
+``tests/torch_free.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
-import os
 import subprocess
 import sys
 import threading
@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.sample_shards import COLOURS, SHAPES, draw_shape, jpeg_bytes
+from tests.torch_free import torch_hidden_env
 
 
 @contextmanager
@@ -75,7 +76,7 @@ def img2dataset_download(site: Path, work: Path, output_format: str, per_shard: 
             f"--number_sample_per_shard={per_shard}", "--image_size=64",
             "--resize_mode=no", "--enable_wandb=False", "--retries=0", "--timeout=5",
         ]
-        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        env = {**torch_hidden_env(work / "no-torch"), "NO_ALBUMENTATIONS_UPDATE": "1"}
         subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
     return out
 
