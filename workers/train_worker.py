@@ -4,7 +4,8 @@ Every worker builds the task and reads the data itself (same seed, same weights;
 broadcasts rank 0's), takes its share of each global batch, and rank 0 writes the
 checkpoints into the job's folder, which resumes a killed run like the one-process loop.
 ITC spans the global batch (features gathered across workers, ``capfilt.train.objectives``);
-ITM's hard negatives are drawn from each worker's own share.
+ITM's hard negatives are drawn from each worker's own share, as in BLIP's pre-training (its
+retrieval fine-tune can draw them from every rank: ``negative_all_rank``; capfilt does not).
 """
 
 from __future__ import annotations

@@ -57,11 +57,15 @@ def distributed() -> bool:
 
 def itc_loss_across_ranks(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
                           texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``itc_loss`` over the whole global batch under DDP, as BLIP computes it: this rank's
-    images against every rank's texts and this rank's texts against every rank's images, the
-    features gathered with their gradients. A text equal to an image's own (on any rank) is a
-    positive. Returns (loss, this rank's own image-to-text block of similarities), the block
-    from which hard negatives are drawn. Ranks must hold equally many rows."""
+    """``itc_loss`` over the whole global batch under DDP: this rank's images against every
+    rank's texts and this rank's texts against every rank's images, the features gathered with
+    their gradients. BLIP compares a rank's rows with its own batch and a queue of 57,600
+    momentum features that every rank feeds; capfilt has no momentum encoder and no queue, so
+    it gathers the global batch instead, as BLIP-2's Q-Former does (BLIP-2 gathers without
+    gradients; here they flow back to the rank that computed the features). A text equal to
+    an image's own (on any rank) is a positive. Returns (loss, this rank's own image-to-text
+    block of similarities), the block from which hard negatives are drawn. Ranks must hold
+    equally many rows."""
     world, rank = dist.get_world_size(), dist.get_rank()
     all_texts: list = [None] * world
     dist.all_gather_object(all_texts, list(texts))

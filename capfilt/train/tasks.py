@@ -61,7 +61,7 @@ def _contrastive_and_matching(model: BlipForImageTextRetrieval, temp: nn.Paramet
     with torch.no_grad():
         temp.clamp_(*TEMP_RANGE)
     positive = same_text(texts).to(ids.device)
-    if distributed():  # Ray Train: ITC over the global batch, as BLIP's all_gather does
+    if distributed():  # Ray Train: ITC over the global batch (objectives.itc_loss_across_ranks)
         loss_itc, sim = itc_loss_across_ranks(image_feat, text_feat, temp, texts)
     else:
         loss_itc, sim = itc_loss(image_feat, text_feat, temp, positive)
