@@ -27,6 +27,8 @@ from capfilt.images import ImageRejected, decode_image
 from capfilt.shard_reader import SUCCESS
 
 log = logging.getLogger(__name__)
+# A decoding process's /proc/self/oom_score_adj: the most killable (a process may raise its own).
+OOM_SCORE_ADJ = 1000
 
 @dataclass
 class Decoded:
@@ -89,9 +91,10 @@ class ProcessDecoder:
     contiguous parts of the batch into a shared-memory block per model, reused from batch to
     batch (``prepare`` calls come one at a time).
 
-    A worker that dies (a decoder crash on some file) breaks the pool: the pool is restarted
-    and that part is decoded again one image per task, so only the image that kills a worker
-    again is rejected (``decoder_crashed``). Workers that keep dying on one image after
+    A worker that dies (a decoder crash on some file, or the kernel's OOM killer, which picks
+    decoding processes first) breaks the pool: the pool is restarted and that part is decoded
+    again one image per task, so only the image that kills a worker again is rejected
+    (``decoder_crashed``). Workers that keep dying on one image after
     another are not the images' fault (memory, a full ``/dev/shm``): that raises instead. A
     batch whose block ``/dev/shm`` cannot hold (containers often give it 64 MB) is decoded
     in threads, with a warning.
@@ -108,7 +111,7 @@ class ProcessDecoder:
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=torch.set_num_threads, initargs=(1,))
+                                   initializer=_start_decoding_process)
 
     def __call__(self, rows: list[dict], pin: bool) -> Decoded:
         if not rows:
@@ -206,6 +209,19 @@ class ProcessDecoder:
                 outcomes[slot] = ("decoder_crashed", "decoding this image killed the decoding process")
                 self._restart()
         return outcomes
+
+
+def _start_decoding_process() -> None:
+    """One torch thread (the pool is the parallelism); first in line for the kernel's OOM
+    killer, so that an image too big for the memory left costs a decoding process, which the
+    pool replaces and which rejects that image (``decoder_crashed``), not the worker that holds
+    the models."""
+    torch.set_num_threads(1)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write(str(OOM_SCORE_ADJ))
+    except OSError:  # not Linux, or not allowed here: the kernel chooses as it would
+        pass
 
 
 def _outcome(value):

@@ -126,3 +126,103 @@ def test_a_dev_shm_too_small_for_the_batch_sends_decoding_to_threads(tmp_path):
     assert seen == {"threads": True, "pool_started": False, "same": True, "outcomes": [
         [64, 64], "undecodable_image", [64, 64], "failed_to_download", [64, 64], [64, 64]]}
     assert "/dev/shm cannot hold a batch of 6 images: decoding in threads" in run.stderr
+
+
+def huge_png_row() -> dict:
+    """A 7000 x 7000 PNG: 156 KB of file, 147 MB of pixels once decoded (under the 64 Mpx limit,
+    and PNG, unlike JPEG, has no draft mode to decode it smaller)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (200, 30, 30)).save(buffer, "PNG", compress_level=9)
+    return {**BASE, "key": "huge", "jpg": buffer.getvalue()}
+
+
+OOM_CHILD = """
+import json, sys
+from pathlib import Path
+
+
+def main(cgroup, limit_file, usage_file, headroom):
+    # Imported here: each decoding process imports this file, and it needs none of it.
+    import torch
+    from capfilt.decoding import ProcessDecoder, ThreadDecoder
+    from capfilt.image_transform import ImageTransform
+    from tests.test_decoding import batch, huge_png_row
+    from torchvision.transforms.v2.functional import InterpolationMode
+
+    caption = ImageTransform(64, 64, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
+    filter_ = ImageTransform(24, 20, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
+    rows = batch()
+    huge = huge_png_row()
+    weights = torch.ones(2**27)  # 512 MiB, as a worker's models: the process the kernel would pick
+    expected = ThreadDecoder(caption, filter_, threads=1)(rows, pin=False)
+    decoder = ProcessDecoder(caption, filter_, processes=1)
+    try:
+        decoder(rows, pin=False)  # the decoding process is up, torch imported
+        usage = int((cgroup / usage_file).read_text())
+        (cgroup / limit_file).write_text(str(usage + headroom))
+        adj = [Path(f"/proc/{pid}/oom_score_adj").read_text().strip()
+               for pid in decoder.pool._processes]
+        got = decoder(rows[:2] + [huge] + rows[2:], pin=False)
+        print(json.dumps({
+            "adj": adj, "weights": float(weights.sum()) == 2**27,
+            "outcomes": [o.reason if hasattr(o, "reason") else list(o) for o in got.outcomes],
+            "same": torch.equal(got.caption_pixels, expected.caption_pixels)
+                    and torch.equal(got.filter_pixels, expected.filter_pixels),
+        }))
+    finally:
+        decoder.close()
+
+
+if __name__ == "__main__":  # decoding processes are spawned: they import this file
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
+"""
+
+
+def memory_cgroup(name: str) -> tuple[Path, str, str] | None:
+    """A new memory cgroup (v1 or v2) and its limit and usage files; None where this process
+    may not make one (no root, no memory controller)."""
+    for folder, limit, usage in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes",
+                                  "memory.usage_in_bytes"),
+                                 (Path("/sys/fs/cgroup"), "memory.max", "memory.current")):
+        if not (folder / "cgroup.procs").exists():
+            continue
+        try:
+            (folder / name).mkdir()
+        except OSError:
+            continue
+        if (folder / name / limit).exists():
+            return folder / name, limit, usage
+        (folder / name).rmdir()
+    return None
+
+
+def test_an_image_whose_decoding_is_killed_is_rejected_alone(tmp_path):
+    """A real out-of-memory kill: the child, holding 512 MiB as a worker holds its models, runs
+    in a memory cgroup whose limit, set once its decoding process is up, leaves 96 MiB; a
+    7000 x 7000 PNG needs 147 MB to decode. The kernel kills the decoding process (its
+    oom_score_adj is 1000; at 0 the kernel kills the child, the largest), the pool restarts,
+    the PNG kills the next process too and alone is rejected."""
+    made = memory_cgroup(f"capfilt-test-{os.getpid()}")
+    if made is None:
+        pytest.skip("making a memory cgroup needs root and a memory controller")
+    cgroup, limit, usage = made
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "child.py"
+    script.write_text(OOM_CHILD)
+    try:
+        run = subprocess.run(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), sys.executable,
+             str(script), str(cgroup), limit, usage, str(96 * 2**20)],
+            capture_output=True, text=True, timeout=180, cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)})
+    finally:
+        cgroup.rmdir()
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == {"adj": ["1000"], "weights": True, "same": True, "outcomes": [
+        [64, 64], "undecodable_image", "decoder_crashed", [64, 64], "failed_to_download",
+        [64, 64], [64, 64]]}
