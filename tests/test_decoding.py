@@ -1,12 +1,14 @@
 """Decoding in processes (GPU workers) gives what decoding in threads gives, and survives a
 decoding process that dies."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +39,15 @@ def same(a, b) -> bool:
     if isinstance(a, ImageRejected):
         return isinstance(b, ImageRejected) and (a.reason, str(a)) == (b.reason, str(b))
     return a == b
+
+
+def outcome_summary(got, expected) -> dict:
+    """What the child scripts below print of a decoded batch: each row's size or reason, and
+    whether its pixels equal those of ``expected`` (decoded in threads)."""
+    return {"outcomes": [o.reason if isinstance(o, ImageRejected) else list(o)
+                         for o in got.outcomes],
+            "same": torch.equal(got.caption_pixels, expected.caption_pixels)
+            and torch.equal(got.filter_pixels, expected.filter_pixels)}
 
 
 @pytest.fixture(scope="module")
@@ -76,29 +87,23 @@ def test_processes_decode_as_threads_do_and_outlive_a_killed_process(transforms)
 
 SMALL_SHM_CHILD = """
 import json, logging, sys
-import torch
 from capfilt.decoding import ProcessDecoder, ThreadDecoder
 from capfilt.image_transform import ImageTransform
-from tests.test_decoding import batch
-from torchvision.transforms.v2.functional import InterpolationMode
+from tests.test_decoding import batch, outcome_summary
 
 
 def main():
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    caption = ImageTransform(224, 224, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
-    filter_ = ImageTransform(24, 20, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
+    caption = ImageTransform(224, 224, "bicubic", (0.5,) * 3, (0.25,) * 3)
+    filter_ = ImageTransform(24, 20, "bicubic", (0.5,) * 3, (0.25,) * 3)
     rows = batch()
     expected = ThreadDecoder(caption, filter_, threads=2)(rows, pin=False)
     decoder = ProcessDecoder(caption, filter_, processes=2)
     try:
         got = decoder(rows, pin=False)
-        print(json.dumps({
-            "threads": decoder.fallback is not None,
-            "pool_started": bool(decoder.pool._processes),
-            "outcomes": [o.reason if hasattr(o, "reason") else list(o) for o in got.outcomes],
-            "same": torch.equal(got.caption_pixels, expected.caption_pixels)
-                    and torch.equal(got.filter_pixels, expected.filter_pixels),
-        }))
+        print(json.dumps({"threads": decoder.fallback is not None,
+                          "pool_started": bool(decoder.pool._processes),
+                          **outcome_summary(got, expected)}))
     finally:
         decoder.close()
 
@@ -150,11 +155,10 @@ def main(cgroup, limit_file, usage_file, headroom):
     import torch
     from capfilt.decoding import ProcessDecoder, ThreadDecoder
     from capfilt.image_transform import ImageTransform
-    from tests.test_decoding import batch, huge_png_row
-    from torchvision.transforms.v2.functional import InterpolationMode
+    from tests.test_decoding import batch, huge_png_row, outcome_summary
 
-    caption = ImageTransform(64, 64, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
-    filter_ = ImageTransform(24, 20, InterpolationMode.BICUBIC, (0.5,) * 3, (0.25,) * 3)
+    caption = ImageTransform(64, 64, "bicubic", (0.5,) * 3, (0.25,) * 3)
+    filter_ = ImageTransform(24, 20, "bicubic", (0.5,) * 3, (0.25,) * 3)
     rows = batch()
     huge = huge_png_row()
     weights = torch.ones(2**27)  # 512 MiB, as a worker's models: the process the kernel would pick
@@ -167,12 +171,8 @@ def main(cgroup, limit_file, usage_file, headroom):
         adj = [Path(f"/proc/{pid}/oom_score_adj").read_text().strip()
                for pid in decoder.pool._processes]
         got = decoder(rows[:2] + [huge] + rows[2:], pin=False)
-        print(json.dumps({
-            "adj": adj, "weights": float(weights.sum()) == 2**27,
-            "outcomes": [o.reason if hasattr(o, "reason") else list(o) for o in got.outcomes],
-            "same": torch.equal(got.caption_pixels, expected.caption_pixels)
-                    and torch.equal(got.filter_pixels, expected.filter_pixels),
-        }))
+        print(json.dumps({"adj": adj, "weights": float(weights.sum()) == 2**27,
+                          **outcome_summary(got, expected)}))
     finally:
         decoder.close()
 
@@ -200,6 +200,20 @@ def memory_cgroup(name: str) -> tuple[Path, str, str] | None:
     return None
 
 
+def remove_cgroup(cgroup: Path) -> None:
+    """Remove a cgroup made above once it is empty: the child's orphans (multiprocessing's
+    resource tracker, a decoding process) may outlive it briefly; they are killed."""
+    deadline = time.monotonic() + 30
+    while pids := (cgroup / "cgroup.procs").read_text().split():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{cgroup} still holds {pids}")
+        time.sleep(0.1)
+    cgroup.rmdir()
+
+
 def test_an_image_whose_decoding_is_killed_is_rejected_alone(tmp_path):
     """A real out-of-memory kill: the child, holding 512 MiB as a worker holds its models, runs
     in a memory cgroup whose limit, set once its decoding process is up, leaves 96 MiB; a
@@ -220,7 +234,7 @@ def test_an_image_whose_decoding_is_killed_is_rejected_alone(tmp_path):
             capture_output=True, text=True, timeout=180, cwd=root,
             env={**os.environ, "PYTHONPATH": str(root)})
     finally:
-        cgroup.rmdir()
+        remove_cgroup(cgroup)
     assert run.returncode == 0, run.stderr[-2000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen == {"adj": ["1000"], "weights": True, "same": True, "outcomes": [
