@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # A decoding process's /proc/self/oom_score_adj: the most killable (a process may raise its own).
 OOM_SCORE_ADJ = 1000
 
+
 @dataclass
 class Decoded:
     """Per input row its (width, height) or its ``ImageRejected``; the accepted rows' pixels,
@@ -94,10 +95,10 @@ class ProcessDecoder:
     A worker that dies (a decoder crash on some file, or the kernel's OOM killer, which picks
     decoding processes first) breaks the pool: the pool is restarted and that part is decoded
     again one image per task, so only the image that kills a worker again is rejected
-    (``decoder_crashed``). Workers that keep dying on one image after
-    another are not the images' fault (memory, a full ``/dev/shm``): that raises instead. A
-    batch whose block ``/dev/shm`` cannot hold (containers often give it 64 MB) is decoded
-    in threads, with a warning.
+    (``decoder_crashed``). Workers that keep dying on one image after another are not the
+    images' fault (memory, a full ``/dev/shm``): that raises instead. A batch whose block
+    ``/dev/shm`` cannot hold (containers often give it 64 MB) is decoded in threads, with a
+    warning.
     """
 
     MAX_CRASHES = 2  # per part; more and the processes, not the images, are failing

@@ -7,6 +7,7 @@ Tests compare the pixels with the processors' own.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,11 @@ _INTERPOLATION = {
 }
 
 
+# Where torchvision resizes uint8 bilinear in torch's uint8 kernel (elsewhere through float32).
+_NATIVE_UINT8_BILINEAR = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                          or platform.machine() in ("aarch64", "arm64"))
+
+
 def _resize_uint8(pixels: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:
     """torchvision's ``resize_image`` on a CPU uint8 (C, H, W) tensor, antialiased: uint8 in
     torch's own kernels where torchvision uses them (nearest, bicubic; bilinear on AVX2, AVX512
@@ -98,20 +104,13 @@ def _resize_uint8(pixels: torch.Tensor, size: list[int], mode: str) -> torch.Ten
     if image.is_contiguous(memory_format=torch.channels_last) and image.numel() != strides[0]:
         # As torchvision does: restrided, so that interpolate keeps channels_last (torch #68430).
         image = image.as_strided(image.shape, (image.numel(), *strides[1:]))
-    native = mode != "bilinear" or torch.backends.cpu.get_cpu_capability() in (
-        "AVX2", "AVX512") or _arm()
+    native = mode != "bilinear" or _NATIVE_UINT8_BILINEAR
     smooth = mode in ("bilinear", "bicubic")
     out = F.interpolate(image if native else image.to(torch.float32), size=list(size), mode=mode,
                         align_corners=False if smooth else None, antialias=smooth)
     if not native:
         out = out.round_().to(torch.uint8)
     return out.reshape(channels, *size)
-
-
-def _arm() -> bool:
-    import platform
-
-    return platform.machine() in ("aarch64", "arm64")
 
 
 def _center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 decoding process that dies."""
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from capfilt.decoding import ProcessDecoder, ThreadDecoder
 from capfilt.image_transform import ImageTransform
@@ -136,10 +138,6 @@ def test_a_dev_shm_too_small_for_the_batch_sends_decoding_to_threads(tmp_path):
 def huge_png_row() -> dict:
     """A 7000 x 7000 PNG: 156 KB of file, 147 MB of pixels once decoded (under the 64 Mpx limit,
     and PNG, unlike JPEG, has no draft mode to decode it smaller)."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (7000, 7000), (200, 30, 30)).save(buffer, "PNG", compress_level=9)
     return {**BASE, "key": "huge", "jpg": buffer.getvalue()}
