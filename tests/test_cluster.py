@@ -42,6 +42,30 @@ def ray_node(*args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def kill_session(session: int) -> None:
+    """SIGKILL every process of a session, as a machine that goes away. Killing the node's
+    process group is not enough: Ray's workers leave it, and an actor whose raylet died goes on
+    serving the driver until it notices (long enough to finish a round of tiny shards)."""
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):  # it ended meanwhile
+                continue
+            if int(fields[3]) == session and fields[0] != "Z":  # a zombie is dead already
+                found.append(int(entry.name))
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def active_nodes(address: str) -> int:
     """Nodes ``ray status`` lists as active (about 1.7 s a call here)."""
     status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address],
@@ -94,7 +118,7 @@ def test_a_round_on_two_nodes_survives_losing_one(two_nodes, tiny_models, tmp_pa
         driver.kill()
         stdout, stderr = driver.communicate()
         raise AssertionError(f"driver exit {driver.returncode}; its stderr:\n{stderr[-3000:]}")
-    os.killpg(second.pid, signal.SIGKILL)  # the second machine goes away mid-round
+    kill_session(second.pid)  # the second machine goes away mid-round
     second.wait()
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 0, stderr[-3000:]
@@ -103,6 +127,8 @@ def test_a_round_on_two_nodes_survives_losing_one(two_nodes, tiny_models, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["totals"]["rows_in"] == SHARDS * ROWS
     assert len({s["worker"].split("/")[0] for s in manifest["shards"]}) == 2
-    assert max(s["attempts"] for s in manifest["shards"]) == 2  # the lost node's shard, again
+    # The lost node's shard, again. A fresh worker may land on the dying node before Ray marks it
+    # dead (2 s of missed health checks here): that costs the shard it was given one more attempt.
+    assert max(s["attempts"] for s in manifest["shards"]) >= 2
     keys = pq.read_table(out / "shards").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == manifest["totals"]["rows_out"]
