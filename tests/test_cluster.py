@@ -27,9 +27,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def process_stat(pid: int) -> list[str]:
+    """``/proc/PID/stat`` after the command name: state first, the session id fourth."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def session_of(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[3])  # the session id
+    return int(process_stat(pid)[3])
 
 
 def ray_node(*args: str) -> subprocess.Popen:
@@ -52,7 +56,7 @@ def kill_session(session: int) -> None:
             if not entry.name.isdigit():
                 continue
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = process_stat(int(entry.name))
             except (FileNotFoundError, ProcessLookupError, IndexError):  # it ended meanwhile
                 continue
             if int(fields[3]) == session and fields[0] != "Z":  # a zombie is dead already
