@@ -18,7 +18,8 @@ from workers.shard_worker import start_workers
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # runs of one shard, on workers that died under it
+MAX_STARTS = 3  # replacements for one worker that die before their models are loaded
 
 
 def ensure_ray(address: str | None) -> None:
@@ -76,13 +77,19 @@ def dispatch(
         on_worker(label, "loading")
     wait_until_ready(pool)
 
-    def fresh_worker(label: int):
+    def fresh_worker(label: int, tries: int) -> None:
+        """Start a replacement; it gets shards once ``describe`` answers (its models loaded),
+        so one that dies while starting (on a node that is going away, say) costs no shard an
+        attempt."""
         on_worker(label, "restarting")
-        return start_workers(config, 1, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)[0]
+        actor = start_workers(config, 1, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)[0]
+        starting[actor.describe.remote()] = (label, actor, tries)
 
     queue = deque((index, path, 1) for index, path in todo)
     idle = deque(enumerate(pool))
     running: dict = {}
+    starting: dict = {}  # describe() refs of replacements still loading
+    failed_start: Exception | None = None
     results: list[ShardResult] = []
     unreported: list[ShardResult] = []
     while queue or running:
@@ -98,8 +105,25 @@ def dispatch(
         for result in unreported:
             on_result(result)
         unreported.clear()
-        ready, _ = ray.wait(list(running), num_returns=1)
+        if not running and not starting:
+            break
+        ready, _ = ray.wait([*running, *starting], num_returns=1)
         ref = ready[0]
+        if ref in starting:
+            label, actor, tries = starting.pop(ref)
+            try:
+                ray.get(ref)
+                idle.append((label, actor))
+            except RayActorError as exc:
+                log.warning("worker %d could not start (try %d): %s", label, tries, exc)
+                if tries < MAX_STARTS:
+                    fresh_worker(label, tries + 1)
+                else:
+                    failed_start = exc
+                    on_worker(label, "could not start")
+                    log.error("worker %d could not start %d times in a row; going on without "
+                              "it", label, tries)
+            continue
         label, actor, index, path, attempt = running.pop(ref)
         try:
             result = ShardResult.from_dict(ray.get(ref))
@@ -107,7 +131,7 @@ def dispatch(
         except RayActorError as exc:
             log.warning("worker %d died on shard %05d (attempt %d): %s", label, index, attempt,
                         exc)
-            idle.append((label, fresh_worker(label)))
+            fresh_worker(label, 1)
             if attempt < MAX_ATTEMPTS:
                 queue.append((index, path, attempt + 1))
                 continue
@@ -120,8 +144,13 @@ def dispatch(
         unreported.append(result)
     for result in unreported:
         on_result(result)
-    for _, actor in idle:
+    for actor in [actor for _, actor in idle] + [actor for _, actor, _ in starting.values()]:
         ray.kill(actor)
+    if queue:  # every worker is gone and none could be started in its place
+        raise WorkerStartError(
+            f"no worker left: replacements could not start {MAX_STARTS} times in a row "
+            f"({failed_start}); {len(results)} shards finished and committed, {len(queue)} not "
+            "run; run the same command again to finish the round")
     return results
 
 

@@ -131,8 +131,8 @@ def test_a_round_on_two_nodes_survives_losing_one(two_nodes, tiny_models, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["totals"]["rows_in"] == SHARDS * ROWS
     assert len({s["worker"].split("/")[0] for s in manifest["shards"]}) == 2
-    # The lost node's shard, again. A fresh worker may land on the dying node before Ray marks it
-    # dead (2 s of missed health checks here): that costs the shard it was given one more attempt.
-    assert max(s["attempts"] for s in manifest["shards"]) >= 2
+    # The lost node's shard, again, once. A replacement may land on the dying node before Ray
+    # marks it dead (2 s of missed health checks here): it dies loading, before it gets a shard.
+    assert max(s["attempts"] for s in manifest["shards"]) == 2
     keys = pq.read_table(out / "shards").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == manifest["totals"]["rows_out"]

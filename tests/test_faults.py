@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from capfilt.sample_shards import write_sample_shards
 from capfilt.stage_config import SamplingConfig, StageConfig
+from pipelines.dispatch import WorkerStartError
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
 from tests.torch_free import torch_free_capfilt
@@ -108,6 +110,41 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(uninterrupted, t
     assert max(s.attempts for s in manifest.shards) == 2
     assert shard_bytes(out) == shard_bytes(uninterrupted)
     assert manifest.totals.rows_in == SHARDS * ROWS
+
+
+def test_a_replacement_that_cannot_load_ends_the_round_clearly(ray_local, tiny_models, inputs,
+                                                               tmp_path):
+    """The worker dies, then its model folder is gone: replacements fail while loading, which
+    costs no shard an attempt; after three, the round stops with WorkerStartError and what
+    was committed stays for the rerun, which finishes the round."""
+    models = {role: tmp_path / role for role in ("captioner", "filter")}
+    for role, folder in models.items():
+        shutil.copytree(tiny_models[role], folder)
+    out = tmp_path / "round"
+    before = set(worker_pids())
+    outcome = {}
+
+    def drive():
+        try:
+            outcome["manifest"] = run_round(round_options(models, inputs, out))
+        except WorkerStartError as exc:
+            outcome["error"] = exc
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    wait_for(lambda: (out / "stats" / "00000.json").exists())
+    [victim] = wait_for(lambda: [p for p in worker_pids() if p not in before])
+    models["captioner"].rename(tmp_path / "moved")
+    os.kill(victim, signal.SIGKILL)
+    driver.join(timeout=300)
+    assert "manifest" not in outcome and not (out / "manifest.json").exists()
+    assert "3 times in a row" in str(outcome["error"])
+    committed = len(list((out / "stats").glob("*.json")))
+    assert 1 <= committed < SHARDS
+    (tmp_path / "moved").rename(models["captioner"])
+    rerun = run_round(round_options(models, inputs, out))
+    assert rerun.status == "complete" and rerun.totals.rows_in == SHARDS * ROWS
+    assert max(s.attempts for s in rerun.shards) == 1  # the killed shard ran once, in the rerun
 
 
 def capfilt_command(models, inputs, output) -> list[str]:
