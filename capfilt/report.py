@@ -149,9 +149,18 @@ def _summary(manifest: RoundManifest) -> str:
         ("filter", next((m.source for m in manifest.models if m.role == "filter"), "")),
         ("policy", ", ".join(f"{k}={v}" for k, v in manifest.parameters.get("policy", {}).items())),
         ("wall time", f"{manifest.timings.get('wall_seconds', 0):.1f} s"),
+        ("time in the models", _model_share(manifest.timings)),
     ]
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in cells)
     return f'<table class="summary">{rows}</table>'
+
+
+def _model_share(timings: dict) -> str:
+    """The models' share of the shards' time: well below 1, the workers wait on input."""
+    shard, model = timings.get("shard_seconds", 0), timings.get("model_seconds")
+    if not shard or model is None:  # nothing ran in this call, or an older manifest
+        return "-"
+    return f"{model:.1f} s of {shard:.1f} s in shards ({model / shard:.0%})"
 
 
 def _score_plots(rows, threshold: float, policy: dict) -> str:

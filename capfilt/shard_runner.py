@@ -45,7 +45,8 @@ def run_shard(
         log.warning("%s: %s", input_path, warning)
     table, duplicates = split_duplicate_keys(shard.table)
     outputs, rejects = [], [duplicates]
-    for rows, rejected in overlapped(stage, table, batch_size):
+    spent = {"model": 0.0}
+    for rows, rejected in overlapped(stage, table, batch_size, spent):
         outputs.append(rows)
         rejects.append(rejected)
     rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
@@ -73,22 +74,31 @@ def run_shard(
         tar, result.webdataset_samples = webdataset_tar(rows)
         result.webdataset = tar_path(round_dir, index)
     result.seconds = round(time.perf_counter() - started, 3)
+    result.model_seconds = round(spent["model"], 3)
     commit_shard(round_dir, result, rows, rejected, tar)
     return result
 
 
-def overlapped(stage: CapFiltStage, table: pa.Table, batch_size: int):
-    """Yield each batch's results while the next batch decodes on a CPU thread."""
+def overlapped(stage: CapFiltStage, table: pa.Table, batch_size: int, spent: dict):
+    """Yield each batch's results while the next batch decodes on a CPU thread; adds the
+    seconds spent in ``stage.compute`` to ``spent["model"]`` (waits for decoding excluded)."""
     starts = range(0, table.num_rows, batch_size)
     with ThreadPoolExecutor(max_workers=1) as ahead:
         pending = None
         for start in starts:
             upcoming = ahead.submit(stage.prepare, table.slice(start, batch_size))
             if pending is not None:
-                yield stage.compute(pending.result())
+                yield _timed_compute(stage, pending.result(), spent)
             pending = upcoming
         if pending is not None:
-            yield stage.compute(pending.result())
+            yield _timed_compute(stage, pending.result(), spent)
+
+
+def _timed_compute(stage: CapFiltStage, prepared, spent: dict):
+    started = time.perf_counter()
+    out = stage.compute(prepared)
+    spent["model"] += time.perf_counter() - started
+    return out
 
 
 def split_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:

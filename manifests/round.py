@@ -60,6 +60,7 @@ class ShardResult:
     input_sha256: str | None = None
     input_bytes: int | None = None
     seconds: float = 0.0
+    model_seconds: float = 0.0  # of ``seconds``, in the models (the rest: read, decode waits, commit)
     attempts: int = 1
     worker: str | None = None  # which worker ran it: "node-id-prefix/pid"
     error: str | None = None

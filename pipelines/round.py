@@ -75,6 +75,7 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
     totals = Totals.of(shards)
     images = sum(r.rows_out for i, r in results.items() if i not in plan.done)
     shard_seconds = sum(r.seconds for i, r in results.items() if i not in plan.done)
+    model_seconds = sum(r.model_seconds for i, r in results.items() if i not in plan.done)
     inputs = [
         InputShard(
             index=i,
@@ -108,6 +109,7 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
         timings={
             "wall_seconds": round(seconds, 3),
             "shard_seconds": round(shard_seconds, 3),
+            "model_seconds": round(model_seconds, 3),  # of shard_seconds, in the models
             "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
         },
         versions=job_versions(),

@@ -68,7 +68,19 @@ def test_the_round_keeps_its_log_and_report(first_round):
     assert "shards 4/4 done" in log and "manifest written: status complete" in log
     # a line before the last names what the worker is doing as that shard finished
     assert re.search(r"shards 1/4 done .* \| w0 (shard 000\d\d \d+s|idle)", log)
-    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    report = (out / "report.html").read_text()
+    assert report.startswith("<!DOCTYPE html>")
+    assert re.search(r"<th>time in the models</th><td>[\d.]+ s of [\d.]+ s in shards \(\d+%\)", report)
+
+
+def test_each_shard_times_its_models_apart_from_reading_and_writing(first_round):
+    out, manifest = first_round
+    for shard in manifest.shards:  # a shard whose rows were all rejected runs no model
+        assert (0 < shard.model_seconds < shard.seconds) == (shard.rows_out > 0)
+        assert shard.model_seconds <= shard.seconds
+    assert any(s.rows_out == 0 for s in manifest.shards)
+    assert manifest.timings["model_seconds"] == pytest.approx(
+        sum(s.model_seconds for s in manifest.shards), abs=0.005)
 
 
 def test_manifest_validates_against_the_schema(first_round, tiny_models):
