@@ -13,7 +13,13 @@ Prints, in one run on one machine:
   loop and of the model-card way, counted on one batch (``FlopCounterMode``): at equal speed per
   FLOP, measure 2's ratio would be this one.
 
+Measures 1 and 2 run ``--repeats`` times, bare loop, pipeline and model card back to back in each
+repeat; ratios are taken within a repeat and their median reported, since a shared VM's speed
+drifts between minutes. ``--captions 10``: BLIP-2's recipe (ten captions, eleven texts scored per
+image) instead of BLIP's one caption.
+
     python bench/cpu_pipeline.py --out bench/results/cpu-$(hostname).json
+    python bench/cpu_pipeline.py --captions 10 --no-scaling --out bench/results/cpu-blip2.json
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +59,11 @@ from capfilt.stage_config import SamplingConfig, StageConfig  # noqa: E402
 from capfilt.tiny import tiny_vocabulary  # noqa: E402
 
 BATCH = 16
-SAMPLING = SamplingConfig(num_captions=1, max_new_tokens=16, min_new_tokens=16)  # fixed length
+
+
+def sampling(captions: int) -> SamplingConfig:
+    """``captions`` nucleus captions per image (1: BLIP's recipe, 10: BLIP-2's), 16 tokens each."""
+    return SamplingConfig(num_captions=captions, max_new_tokens=16, min_new_tokens=16)
 
 
 def small_models(folder: Path) -> dict[str, str]:
@@ -116,11 +127,11 @@ def write_shards(folder: Path, shards: int, rows: int) -> list[str]:
     return paths
 
 
-def bare_loop(models, shards, attention: str = "sdpa") -> tuple[float, int]:
+def bare_loop(models, shards, captions: int = 1, attention: str = "sdpa") -> tuple[float, int]:
     """The same models on already-decoded tensors: the ceiling for the pipeline."""
     cap = load_model(models["captioner"], "captioner", attention=attention)
     fil = load_model(models["filter"], "filter", attention=attention)
-    captioner, scorer = Captioner(cap, SAMPLING, seed=0), Scorer(fil, itm_token="cls")
+    captioner, scorer = Captioner(cap, sampling(captions), seed=0), Scorer(fil, itm_token="cls")
     transform = ImageTransform.from_processor(cap.processor.image_processor)
     rows = [r for s in shards for r in read_shard(s).table.to_pylist()]
     pixels = torch.stack([transform(decode_image(r["jpg"])) for r in rows])
@@ -133,7 +144,7 @@ def bare_loop(models, shards, attention: str = "sdpa") -> tuple[float, int]:
 
 
 @torch.inference_mode()
-def model_card(models, shards) -> tuple[float, int, dict]:
+def model_card(models, shards, captions: int = 1) -> tuple[float, int, dict]:
     """As the Hugging Face model cards show it: processor per batch, generate, ITM per text."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
@@ -148,9 +159,12 @@ def model_card(models, shards) -> tuple[float, int, dict]:
         images = [Image.open(io.BytesIO(r["jpg"])).convert("RGB") for r in batch]
         inputs = processor(images=images, text=["a picture of "] * len(batch), return_tensors="pt")
         out = captioner.generate(**inputs, do_sample=True, top_p=0.9, top_k=50,
-                                 repetition_penalty=1.1, max_new_tokens=16, min_new_tokens=16)
-        synthetic = processor.batch_decode(out, skip_special_tokens=True)
-        for slot, texts in (("web", [r["caption"] for r in batch]), ("synthetic", synthetic)):
+                                 repetition_penalty=1.1, max_new_tokens=16, min_new_tokens=16,
+                                 num_return_sequences=captions)
+        synthetic = processor.batch_decode(out, skip_special_tokens=True)  # image-major
+        slots = [("web", [r["caption"] for r in batch])]
+        slots += [("synthetic", synthetic[j::captions]) for j in range(captions)]
+        for slot, texts in slots:
             tokens = processor(images=images, text=texts, padding=True, truncation=True,
                                max_length=35, return_tensors="pt")
             match = itm(**tokens, use_itm_head=True).itm_score.softmax(-1)[:, 1]
@@ -161,7 +175,7 @@ def model_card(models, shards) -> tuple[float, int, dict]:
     return time.perf_counter() - started, len(rows), scores
 
 
-def flops_per_image(models) -> dict:
+def flops_per_image(models, captions: int = 1) -> dict:
     """GFLOPs per image of the bare loop and of the model-card way, on one batch.
 
     The bare loop is counted with eager attention: the counter has no formula for the CPU SDPA
@@ -172,8 +186,8 @@ def flops_per_image(models) -> dict:
     with tempfile.TemporaryDirectory(prefix="capfilt-flops-") as folder:
         one_batch = write_shards(Path(folder), 1, BATCH)
         counts = {}
-        for name, run in (("bare", lambda: bare_loop(models, one_batch, attention="eager")),
-                          ("model_card", lambda: model_card(models, one_batch))):
+        for name, run in (("bare", lambda: bare_loop(models, one_batch, captions, attention="eager")),
+                          ("model_card", lambda: model_card(models, one_batch, captions))):
             with FlopCounterMode(display=False) as counter:
                 run()
             counts[name] = counter.get_total_flops() / BATCH / 1e9
@@ -182,11 +196,11 @@ def flops_per_image(models) -> dict:
             "model_card_flop_ratio": counts["model_card"] / counts["bare"]}
 
 
-def pipeline(models, shards, out: Path) -> dict:
+def pipeline(models, shards, out: Path, captions: int = 1) -> dict:
     from pipelines.plan import RoundOptions
     from pipelines.round import run_round
 
-    stage = StageConfig(captioner=models["captioner"], filter=models["filter"], sampling=SAMPLING,
+    stage = StageConfig(captioner=models["captioner"], filter=models["filter"], sampling=sampling(captions),
                         itm_token="cls")
     started = time.perf_counter()
     manifest = run_round(RoundOptions(inputs=shards, output=str(out), stage=stage,
@@ -194,14 +208,55 @@ def pipeline(models, shards, out: Path) -> dict:
     wall = time.perf_counter() - started
     table = pq.read_table(out / "shards", columns=["key", "web_itm", "web_itc"]).to_pylist()
     return {"wall": wall, "shard_seconds": manifest.timings["shard_seconds"],
+            "model_seconds": manifest.timings["model_seconds"],
             "images": manifest.totals.rows_out,
             "scores": {r["key"]: (r["web_itm"], r["web_itc"]) for r in table}}
+
+
+def actor_ab(models, shards, captions: int, batches: int) -> dict:
+    """One batch through the same models, alternately in this process and in a Ray actor placed
+    as ``capfilt run`` places its one CPU worker (1 CPU slot, a torch thread per core): what the
+    actor itself costs, free of the drift between minutes that separate runs suffer."""
+    import ray
+
+    from pipelines.dispatch import ensure_ray
+
+    def build():
+        stage = CapFiltStage.from_config(StageConfig(
+            captioner=models["captioner"], filter=models["filter"], sampling=sampling(captions),
+            itm_token="cls"))
+        prepared = stage.prepare(read_shard(shards[0]).table.slice(0, BATCH))
+        stage.compute(prepared)  # warm-up
+        return stage, prepared
+
+    class Worker:
+        def __init__(self, threads: int):
+            torch.set_num_threads(threads)
+            self.stage, self.prepared = build()
+
+        def batch(self) -> float:
+            started = time.perf_counter()
+            self.stage.compute(self.prepared)
+            return time.perf_counter() - started
+
+    ensure_ray(None)
+    cpus = ray.cluster_resources()["CPU"]
+    actor = ray.remote(Worker).options(num_cpus=min(1.0, cpus / 2)).remote(int(cpus))
+    here = Worker(torch.get_num_threads())
+    ray.get(actor.batch.remote())
+    in_process, in_actor = [], []
+    for _ in range(batches):
+        in_process.append(here.batch())
+        in_actor.append(ray.get(actor.batch.remote()))
+    ray.kill(actor)
+    return {"batch_seconds_in_process": in_process, "batch_seconds_in_actor": in_actor,
+            "actor_over_process_time": sum(in_actor) / sum(in_process)}
 
 
 def scaling_child(models, shards) -> None:
     """One process, one stage, N shards in a row: seconds and this process's peak RSS."""
     stage = CapFiltStage.from_config(StageConfig(captioner=models["captioner"],
-                                                 filter=models["filter"], sampling=SAMPLING))
+                                                 filter=models["filter"], sampling=sampling(1)))
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         for index, shard in enumerate(shards):
@@ -224,7 +279,14 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the figures as JSON here too")
-    parser.add_argument("--rows", type=int, default=64, help="rows per shard")
+    parser.add_argument("--rows", type=int, default=32, help="rows per shard")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="times measures 1 and 2 run, each ratio taken within one repeat")
+    parser.add_argument("--captions", type=int, default=1,
+                        help="captions per image: 1 is BLIP's recipe, 10 BLIP-2's")
+    parser.add_argument("--no-scaling", action="store_true", help="skip measure 3")
+    parser.add_argument("--actor-ab", type=int, metavar="BATCHES", default=0,
+                        help="only: BATCHES batches alternately in this process and in an actor")
     parser.add_argument("--shards", type=int, default=4, help="shards for measures 1 and 2")
     parser.add_argument("--scaling-child", nargs=2, metavar=("MODELS_JSON", "SHARDS_JSON"))
     parser.add_argument("--flops-only", action="store_true",
@@ -242,32 +304,55 @@ def main() -> None:
                           f"{torch.get_num_threads()} torch threads, {platform.machine()}",
                "date": time.strftime("%Y-%m-%d"), "batch_size": BATCH}
     if args.flops_only:
-        _report(figures | flops_per_image(models), args.out)
+        _report(figures | {"captions_per_image": args.captions}
+                | flops_per_image(models, args.captions), args.out)
         return
     shards = write_shards(work / "shards", args.shards, args.rows)
-    figures["images"] = args.shards * args.rows
-
-    bare_s, n = bare_loop(models, shards)
-    eager_s, _ = bare_loop(models, shards, attention="eager")
-    figures.update(bare_images_per_s=n / bare_s, bare_images_per_s_eager_attention=n / eager_s,
-                   sdpa_speedup_bare=eager_s / bare_s)
-    if args.attention_only:
+    if args.actor_ab:
+        _report(figures | actor_ab(models, shards, args.captions, args.actor_ab), args.out)
+        return
+    figures.update(images=args.shards * args.rows, captions_per_image=args.captions,
+                   repeats=args.repeats)
+    # This VM's speed drifts by up to a fifth between minutes: every ratio is taken within
+    # one repeat (its measures run back to back) and the median over repeats is reported.
+    runs = []
+    for repeat in range(args.repeats):
+        bare_s, n = bare_loop(models, shards, args.captions)
+        eager_s, _ = bare_loop(models, shards, args.captions, attention="eager")
+        if args.attention_only:
+            runs.append({"bare_images_per_s": n / bare_s,
+                         "sdpa_speedup_bare": eager_s / bare_s})
+            print(f"repeat {repeat}: {runs[-1]}", flush=True)
+            continue
+        run = pipeline(models, shards, work / f"round-{repeat}", args.captions)
+        after_s, _ = bare_loop(models, shards, args.captions)  # the bare rate on both sides
+        card_s, _, card_scores = model_card(models, shards, args.captions)
+        bare_rate = (n / bare_s + n / after_s) / 2
+        pipeline_rate = run["images"] / run["shard_seconds"]
+        runs.append({
+            "bare_images_per_s": bare_rate,
+            "bare_images_per_s_before_and_after_pipeline": [n / bare_s, n / after_s],
+            "bare_images_per_s_eager_attention": n / eager_s,
+            "sdpa_speedup_bare": eager_s / bare_s,
+            "pipeline_images_per_s": pipeline_rate,
+            "pipeline_images_per_s_with_startup": run["images"] / run["wall"],
+            # the same models inside the actor, counting only their own time: below the bare
+            # rate, the models ran slower there; the rest of the loss is outside them
+            "pipeline_model_images_per_s": run["images"] / run["model_seconds"],
+            "model_card_images_per_s": n / card_s,
+            "pipeline_efficiency": pipeline_rate / bare_rate,
+            "speedup_vs_model_card": pipeline_rate * card_s / n,
+            "web_score_max_abs_diff_vs_model_card": max(
+                max(abs(a - b) for a, b in zip(run["scores"][k], card_scores[k]))
+                for k in card_scores),
+        })
+        print(f"repeat {repeat}: {runs[-1]}", flush=True)
+    figures["runs"] = runs
+    figures.update({f"median_{key}": statistics.median(r[key] for r in runs)
+                    for key, value in runs[0].items() if isinstance(value, float)})
+    if args.attention_only or args.no_scaling:
         _report(figures, args.out)
         return
-    run = pipeline(models, shards, work / "round")
-    card_s, _, card_scores = model_card(models, shards)
-    diff = max(max(abs(a - b) for a, b in zip(run["scores"][k], card_scores[k]))
-               for k in card_scores)
-    figures.update(
-        bare_images_per_s=n / bare_s,
-        pipeline_images_per_s=run["images"] / run["shard_seconds"],
-        pipeline_images_per_s_with_startup=run["images"] / run["wall"],
-        model_card_images_per_s=n / card_s,
-        web_score_max_abs_diff_vs_model_card=diff,
-    )
-    figures["pipeline_efficiency"] = figures["pipeline_images_per_s"] / figures["bare_images_per_s"]
-    figures["speedup_vs_model_card"] = (figures["pipeline_images_per_s"]
-                                        / figures["model_card_images_per_s"])
     scaling = {}
     for count in (1, 4, 16):
         scale_shards = write_shards(work / f"scale-{count}", count, 32)
@@ -281,7 +366,7 @@ def main() -> None:
 
 def _report(figures: dict, out: str | None) -> None:
     for key, value in figures.items():
-        print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(figures, indent=2) + "\n")
