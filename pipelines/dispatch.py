@@ -52,7 +52,8 @@ def dispatch(
 
     ``on_result`` hears of each finished shard once the freed worker has its next one, so a
     progress line drawn then shows what every worker is doing; ``on_worker(label, state)``
-    hears each worker's state change (loading, shard NNNNN, idle, restarting)."""
+    hears each worker's state change (loading, shard NNNNN, idle, restarting, could not
+    start)."""
     if not todo:
         return []
     resources = ray.cluster_resources()
@@ -155,7 +156,8 @@ def dispatch(
 
 
 class WorkerStartError(RuntimeError):
-    """Workers could not start (their models would not load, say): nothing was run."""
+    """Workers could not start (their models would not load, say): before the first shard,
+    nothing was run; mid-round, no worker is left and the shards committed so far stay."""
 
 
 def wait_until_ready(pool: list) -> None:
