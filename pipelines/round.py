@@ -47,6 +47,9 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
              len(plan.shards), len(plan.done), len(plan.todo), options.parameters())
     progress = Progress(len(plan.shards), len(plan.done), stream)
     results = dict(plan.done)
+    # Before the workers load them: a folder overwritten mid-round (a training job saving into
+    # it) must not put the new weights' hash on data the old ones made.
+    models = model_refs(options)
     if plan.todo:
         ensure_ray(options.address)
         for result in dispatch(
@@ -57,7 +60,7 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
             results[result.index] = result
     else:
         progress.show()
-    manifest = build_manifest(plan, results, created, time.perf_counter() - started)
+    manifest = build_manifest(plan, results, models, created, time.perf_counter() - started)
     validate_manifest(manifest.to_dict())
     write_manifest(options.output, manifest)
     log.info("manifest written: status %s, %d rows in, %d scored, %d rejected", manifest.status,
@@ -69,7 +72,17 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
     return manifest
 
 
-def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float) -> RoundManifest:
+def model_refs(options: RoundOptions) -> list[ModelRef]:
+    return [
+        ModelRef(role=role, source=source, model_class=model_class_name(source, role),
+                 weights_sha256=weights_sha256(source))
+        for role, source in (("captioner", options.stage.captioner),
+                             ("filter", options.stage.filter))
+    ]
+
+
+def build_manifest(plan: RoundPlan, results: dict, models: list[ModelRef], created: str,
+                   seconds: float) -> RoundManifest:
     options = plan.options
     shards = [results[i] for i in sorted(results)]
     totals = Totals.of(shards)
@@ -86,12 +99,6 @@ def build_manifest(plan: RoundPlan, results: dict, created: str, seconds: float)
             sha256=results[i].input_sha256,
         )
         for i, path in enumerate(plan.shards)
-    ]
-    models = [
-        ModelRef(role=role, source=source, model_class=model_class_name(source, role),
-                 weights_sha256=weights_sha256(source))
-        for role, source in (("captioner", options.stage.captioner),
-                             ("filter", options.stage.filter))
     ]
     complete = all(r.status == ShardStatus.DONE for r in shards)
     return RoundManifest(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from capfilt.model_source import weights_sha256
 from capfilt.sample_shards import write_sample_shards
 from capfilt.stage_config import SamplingConfig, StageConfig
 from pipelines.dispatch import WorkerStartError
@@ -145,6 +146,31 @@ def test_a_replacement_that_cannot_load_ends_the_round_clearly(ray_local, tiny_m
     rerun = run_round(round_options(models, inputs, out))
     assert rerun.status == "complete" and rerun.totals.rows_in == SHARDS * ROWS
     assert max(s.attempts for s in rerun.shards) == 1  # the killed shard ran once, in the rerun
+
+
+def test_the_manifest_names_the_weights_the_workers_loaded_not_later_ones(ray_local, tiny_models,
+                                                                          inputs, tmp_path):
+    """A training job writes new weights into the filter's folder mid-round: the round's data
+    came from the old ones, and its manifest must say so."""
+    models = {role: tmp_path / role for role in ("captioner", "filter")}
+    for role, folder in models.items():
+        shutil.copytree(tiny_models[role], folder)
+    loaded = weights_sha256(str(models["filter"]))
+    out = tmp_path / "round"
+    outcome = {}
+    driver = threading.Thread(
+        target=lambda: outcome.update(manifest=run_round(round_options(models, inputs, out))))
+    driver.start()
+    wait_for(lambda: (out / "stats" / "00000.json").exists())
+    [weights] = models["filter"].glob("*.safetensors")
+    newer = weights.with_suffix(".new")
+    newer.write_bytes(weights.read_bytes() + b" ")  # other bytes, swapped in as a whole file
+    newer.replace(weights)
+    driver.join(timeout=300)
+    assert weights_sha256(str(models["filter"])) != loaded
+    manifest = outcome["manifest"]
+    assert manifest.status == "complete"
+    assert {m.role: m.weights_sha256 for m in manifest.models}["filter"] == loaded
 
 
 def capfilt_command(models, inputs, output) -> list[str]:
