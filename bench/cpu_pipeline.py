@@ -66,6 +66,12 @@ def sampling(captions: int) -> SamplingConfig:
     return SamplingConfig(num_captions=captions, max_new_tokens=16, min_new_tokens=16)
 
 
+def stage_config(models, captions: int) -> StageConfig:
+    """What the pipeline's worker runs: the bare loop's models, sampling and ITM token."""
+    return StageConfig(captioner=models["captioner"], filter=models["filter"],
+                       sampling=sampling(captions), itm_token="cls")
+
+
 def small_models(folder: Path) -> dict[str, str]:
     from transformers import (
         BertTokenizer,
@@ -200,8 +206,7 @@ def pipeline(models, shards, out: Path, captions: int = 1) -> dict:
     from pipelines.plan import RoundOptions
     from pipelines.round import run_round
 
-    stage = StageConfig(captioner=models["captioner"], filter=models["filter"], sampling=sampling(captions),
-                        itm_token="cls")
+    stage = stage_config(models, captions)
     started = time.perf_counter()
     manifest = run_round(RoundOptions(inputs=shards, output=str(out), stage=stage,
                                       batch_size=BATCH, workers=1), stream=io.StringIO())
@@ -222,9 +227,7 @@ def actor_ab(models, shards, captions: int, batches: int) -> dict:
     from pipelines.dispatch import ensure_ray
 
     def build():
-        stage = CapFiltStage.from_config(StageConfig(
-            captioner=models["captioner"], filter=models["filter"], sampling=sampling(captions),
-            itm_token="cls"))
+        stage = CapFiltStage.from_config(stage_config(models, captions))
         prepared = stage.prepare(read_shard(shards[0]).table.slice(0, BATCH))
         stage.compute(prepared)  # warm-up
         return stage, prepared

@@ -113,14 +113,20 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(uninterrupted, t
     assert manifest.totals.rows_in == SHARDS * ROWS
 
 
+def copied_models(tiny_models, folder: Path) -> dict[str, Path]:
+    """The tiny models in a folder of this test's own, free to move or overwrite."""
+    models = {role: folder / role for role in ("captioner", "filter")}
+    for role, path in models.items():
+        shutil.copytree(tiny_models[role], path)
+    return models
+
+
 def test_a_replacement_that_cannot_load_ends_the_round_clearly(ray_local, tiny_models, inputs,
                                                                tmp_path):
     """The worker dies, then its model folder is gone: replacements fail while loading, which
     costs no shard an attempt; after three, the round stops with WorkerStartError and what
     was committed stays for the rerun, which finishes the round."""
-    models = {role: tmp_path / role for role in ("captioner", "filter")}
-    for role, folder in models.items():
-        shutil.copytree(tiny_models[role], folder)
+    models = copied_models(tiny_models, tmp_path)
     out = tmp_path / "round"
     before = set(worker_pids())
     outcome = {}
@@ -152,9 +158,7 @@ def test_the_manifest_names_the_weights_the_workers_loaded_not_later_ones(ray_lo
                                                                           inputs, tmp_path):
     """A training job writes new weights into the filter's folder mid-round: the round's data
     came from the old ones, and its manifest must say so."""
-    models = {role: tmp_path / role for role in ("captioner", "filter")}
-    for role, folder in models.items():
-        shutil.copytree(tiny_models[role], folder)
+    models = copied_models(tiny_models, tmp_path)
     loaded = weights_sha256(str(models["filter"]))
     out = tmp_path / "round"
     outcome = {}
