@@ -21,8 +21,11 @@ class ShardWorker:
     def __init__(self, config: StageConfig, torch_threads: int | None = None):
         import torch
 
+        from capfilt.host_memory import keep_freed_memory
         from capfilt.stage import CapFiltStage
 
+        # Before the models load: each batch then reuses the pages the last one freed.
+        self.keeps_freed_memory = keep_freed_memory()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         configure_logging("WARNING")  # worker logs reach the driver's terminal
@@ -31,7 +34,8 @@ class ShardWorker:
     def describe(self) -> dict:
         """Where this worker runs: ready once this returns (models are loaded by then)."""
         context = ray.get_runtime_context()
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id()}
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id(),
+                "keeps_freed_memory": self.keeps_freed_memory}
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
                 reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = ()) -> dict:

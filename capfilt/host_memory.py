@@ -1,0 +1,47 @@
+"""Keep freed host memory in the process for the next batch instead of handing it back.
+
+torch's CPU tensors come from glibc's malloc, and glibc hands memory back to the kernel when a
+large block or the top of the heap is freed (thresholds that move with the process's history).
+A model's activations are freed after every layer and allocated again for the next batch, so a
+worker can fault its whole working set in again, page by page, every batch: on the CPU
+benchmark's small BLIP, 40,000 to 230,000 minor page faults per 16-image batch, depending on
+the process, and one batch 6-8% slower than in a process that kept its pages. Fixed thresholds
+keep those pages: the resident memory stays at its peak instead of falling between batches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# mallopt's parameter numbers (glibc malloc.h).
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+MIB = 1 << 20
+# glibc's largest allowed mmap threshold on 64 bits: blocks above it are still mapped and unmapped.
+MMAP_THRESHOLD = 32 * MIB
+TRIM_THRESHOLD = 1024 * MIB
+TOP_PAD = 64 * MIB
+
+USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",
+                 "MALLOC_MMAP_MAX_", "LD_PRELOAD")
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's thresholds so freed blocks stay mapped; True if they were set.
+
+    Leaves the process alone where the user chose an allocator or its settings (``MALLOC_*_``,
+    ``LD_PRELOAD``) and where the C library is not glibc."""
+    if any(os.environ.get(name) for name in USER_SETTINGS):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(param, value) == 1 for param, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
