@@ -18,6 +18,11 @@ repeat; ratios are taken within a repeat and their median reported, since a shar
 drifts between minutes. ``--captions 10``: BLIP-2's recipe (ten captions, eleven texts scored per
 image) instead of BLIP's one caption.
 
+This process keeps its freed memory as capfilt's workers do (``capfilt/host_memory.py``), so the
+bare loop and the model card are not slowed by faulting pages in again; ``--glibc-default``
+leaves malloc as glibc sets it. ``--actor-ab N``: one batch in turn here and in two actors, with
+page faults per batch.
+
     python bench/cpu_pipeline.py --out bench/results/cpu-$(hostname).json
     python bench/cpu_pipeline.py --captions 10 --no-scaling --out bench/results/cpu-blip2.json
 """
