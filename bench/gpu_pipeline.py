@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from capfilt.host_memory import keep_freed_memory  # noqa: E402
 from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.selection import Policy  # noqa: E402
 from capfilt.shard_reader import read_shard  # noqa: E402
@@ -368,6 +369,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/gpu-<card>.json)")
     args = parser.parse_args()
     start = time.perf_counter()
+    keeps = keep_freed_memory()  # as capfilt's workers do: the shard measure runs as one would
 
     if args.smoke:
         args.device, args.dtype, args.decode_threads, args.decode_processes = "cpu", "float32", 2, 0
@@ -390,7 +392,7 @@ def main() -> None:
         "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
         "new_tokens_per_caption": NEW_TOKENS, "image_side": IMAGE_SIDE,
         "decode_threads": args.decode_threads, "cpu_cores": os.cpu_count(),
-        "configurations": [],
+        "keeps_freed_memory": keeps, "configurations": [],
     }
     print(f"{card}: peak {fmt(args.peak_tflops, '.0f')} TFLOP/s bf16 dense; batch "
           f"{' '.join(map(str, args.batch))}, attention {args.attention}, "
