@@ -4,9 +4,14 @@ torch's CPU tensors come from glibc's malloc, and glibc hands memory back to the
 large block or the top of the heap is freed (thresholds that move with the process's history).
 A model's activations are freed after every layer and allocated again for the next batch, so a
 worker can fault its whole working set in again, page by page, every batch: on the CPU
-benchmark's small BLIP, 40,000 to 230,000 minor page faults per 16-image batch, depending on
-the process, and one batch 6-8% slower than in a process that kept its pages. Fixed thresholds
+benchmark's small BLIP, 40,000 to 350,000 minor page faults per 16-image batch, depending on
+the process and the captions per image, and a batch 4-13% slower than in a process that kept
+its pages. Fixed thresholds
 keep those pages: the resident memory stays at its peak instead of falling between batches.
+Blocks above 32 MiB (glibc's largest mmap threshold; BLIP-2's ten captions make several) are
+mapped and unmapped whatever the threshold, so mapping is turned off: they come from the heap
+too, and stay. On the benchmark's ten-caption batches that took faults from 63,000-144,000 to
+under 3,000 per batch, for up to 8% more peak memory (bench/README.md, session 12).
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import os
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 MIB = 1 << 20
-# glibc's largest allowed mmap threshold on 64 bits: blocks above it are still mapped and unmapped.
-MMAP_THRESHOLD = 32 * MIB
+MMAP_THRESHOLD = 32 * MIB  # glibc's largest; moot with mapping off, but fixed (not moving)
 TRIM_THRESHOLD = 1024 * MIB
 TOP_PAD = 64 * MIB
 
@@ -44,4 +49,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return all(mallopt(param, value) == 1 for param, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD),
+        (M_MMAP_MAX, 0)))
