@@ -6,12 +6,12 @@ A model's activations are freed after every layer and allocated again for the ne
 worker can fault its whole working set in again, page by page, every batch: on the CPU
 benchmark's small BLIP, 40,000 to 350,000 minor page faults per 16-image batch, depending on
 the process and the captions per image, and a batch 4-13% slower than in a process that kept
-its pages. Fixed thresholds
-keep those pages: the resident memory stays at its peak instead of falling between batches.
-Blocks above 32 MiB (glibc's largest mmap threshold; BLIP-2's ten captions make several) are
-mapped and unmapped whatever the threshold, so mapping is turned off: they come from the heap
-too, and stay. On the benchmark's ten-caption batches that took faults from 63,000-144,000 to
-under 3,000 per batch, for up to 8% more peak memory (bench/README.md, session 12).
+its pages. Fixed thresholds keep those pages: the resident memory stays at its peak instead of
+falling between batches. Blocks above 32 MiB (glibc's largest mmap threshold; BLIP-2's ten
+captions make several) are mapped and unmapped whatever the threshold, so mapping is turned
+off: they come from the heap too, and stay. On the benchmark's ten-caption batches that took
+faults from 63,000-144,000 to under 3,000 per batch, for up to 8% more peak memory
+(bench/README.md, session 12).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRES
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's thresholds so freed blocks stay mapped; True if they were set.
+    """Set glibc's malloc so freed blocks stay in the process; True if it took the settings.
 
     Leaves the process alone where the user chose an allocator or its settings (``MALLOC_*_``,
     ``LD_PRELOAD``) and where the C library is not glibc."""
