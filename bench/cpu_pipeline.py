@@ -317,7 +317,8 @@ def main() -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip measure 3")
     parser.add_argument("--scaling-only", action="store_true", help="only measure 3")
     parser.add_argument("--actor-ab", type=int, metavar="BATCHES", default=0,
-                        help="only: BATCHES batches alternately in this process and in an actor")
+                        help="only: BATCHES batches in turn in this process, a keeping actor "
+                             "and a glibc-default one")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave this process's malloc as glibc sets it (the bare loop and "
                              "the model card then fault their pages in again as they may)")

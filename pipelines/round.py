@@ -73,6 +73,7 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
 
 
 def model_refs(options: RoundOptions) -> list[ModelRef]:
+    """The manifest's record of the two models: source, class and the weights' hash."""
     return [
         ModelRef(role=role, source=source, model_class=model_class_name(source, role),
                  weights_sha256=weights_sha256(source))
