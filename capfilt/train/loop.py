@@ -27,6 +27,9 @@ from capfilt.train.data import BatchMaker
 log = logging.getLogger("capfilt.train")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How long and how a task trains. ``checkpoint_every`` 0 saves only at the end."""
@@ -41,12 +44,32 @@ class TrainConfig:
     augment: str = "blip"
     checkpoint_every: int = 0
     log_every: int = 10
+    # BLIP's ITC and ITM (salesforce/BLIP blip_pretrain.py, blip_retrieval.py): momentum
+    # encoders, a queue of their features, distillation from them, negatives across ranks.
+    momentum: bool = True
+    momentum_decay: float = 0.995
+    queue_size: int = 57600
+    alpha: float = 0.4
+    negative_all_rank: bool = False
+    # "auto": bf16 autocast on CUDA, float32 elsewhere.
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    # The data stream (capfilt/train/stream.py): decoding processes per training process, and
+    # the rows each of them shuffles together.
+    loader_workers: int = 2
+    shuffle_buffer: int = 2048
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if self.batch_size < 2:
             raise ValueError("batch size must be at least 2 (ITC contrasts within a batch)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.momentum_decay < 1 or not 0 <= self.alpha <= 1:
+            raise ValueError("momentum_decay must be in [0, 1) and alpha in [0, 1]")
+        if self.loader_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("loader_workers must be >= 0 and shuffle_buffer >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
