@@ -46,9 +46,14 @@ def plan_path(root: str) -> str:
     return _join(root, "plan.json")
 
 
+# Rows per parquet row group, as img2dataset writes them: training streams a round's shards in
+# row groups (capfilt/train/sources.py), so a group bounds what a reader holds.
+ROW_GROUP_ROWS = 100
+
+
 def write_parquet_atomic(url: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     write_bytes_atomic(url, buffer.getvalue())
 
 

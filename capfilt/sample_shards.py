@@ -20,6 +20,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
 SHAPES = ("circle", "square", "triangle")
 SPAM = ("buy cheap watches online", "click here for free shipping", "IMG_2041.JPG", "image")
 
+# img2dataset's parquet writer flushes every 100 rows: one row group each.
+IMG2DATASET_ROW_GROUP = 100
 IMG2DATASET_SCHEMA = pa.schema(
     [
         ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),

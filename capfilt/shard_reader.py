@@ -110,7 +110,7 @@ def read_shard(url: str, options: ReaderOptions = ReaderOptions()) -> ShardData:
     if shard_format(url) == "parquet":
         table, warnings = _parquet_rows(url, data, options)
     else:
-        table, warnings = _webdataset_rows(url, data)
+        table, warnings = webdataset_rows(url, data)
         sidecar = _read_sidecar(url)
         if sidecar is not None:
             digest.update(sidecar)
@@ -194,7 +194,7 @@ def _parquet_rows(url: str, data: bytes, options: ReaderOptions) -> tuple[pa.Tab
     return table, warnings
 
 
-def _webdataset_rows(url: str, data: bytes) -> tuple[pa.Table, list[str]]:
+def webdataset_rows(url: str, data: bytes) -> tuple[pa.Table, list[str]]:
     """Group tar members by key, webdataset's way: the name up to the first dot of its basename."""
     samples: dict[str, dict[str, bytes]] = {}
     try:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.train.build import build_task, output_refs
 from capfilt.train.checkpoints import latest_checkpoint, load_checkpoint
-from capfilt.train.data import Source, batches_for, load_training_data
-from capfilt.train.loop import TrainConfig, train
+from capfilt.train.loop import TrainConfig
+from capfilt.train.run import RankJob, run_rank
+from capfilt.train.sources import Source, list_pieces, source_rows
 from capfilt.train.progress import TrainProgress, job_label
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
@@ -55,6 +57,11 @@ class TrainJob:
         if uneven:
             raise ValueError(uneven)
 
+    def rank_job(self) -> RankJob:
+        return RankJob(task=self.task, init=self.init, data=self.data, output=self.output,
+                       config=self.config, vision_init=self.vision_init,
+                       negative_mix=self.negative_mix)
+
     def parameters(self) -> dict:
         return {"task": self.task, "init": self.init, "data": list(self.data),
                 "vision_init": self.vision_init, "negative_mix": self.negative_mix,
@@ -73,35 +80,42 @@ def run_training(job: TrainJob) -> JobManifest:
         return done
     created, started = now(), time.perf_counter()
     sources = [Source.parse(text) for text in job.data]
-    data = load_training_data(sources)
-    log.info("%s: %d images from %s", job.task, len(data), ", ".join(map(str, sources)))
+    # Footers only: the data is counted, never read, here; each rank streams its own part.
+    counts = source_rows(list_pieces(sources), sources)
+    log.info("%s: %d rows in %s", job.task, sum(c["rows"] for c in counts),
+             ", ".join(map(str, sources)))
     if job.workers > 1:
         from pipelines.dispatch import ensure_ray
         from workers.train_worker import run_ray_train
 
         ensure_ray(job.address)
         run_ray_train(job)
-        built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix)
+        built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix,
+                           config=job.config)
         state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
         built.task.load_state_dict(state["model"])
-        history, resumed = state["history"], None
+        history, resumed, first_step = state["history"], None, None
+        skipped = Counter({(src, reason): n for src, reason, n in state["skipped"]})
     else:
-        built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix)
-        built.task.to(job.device)
-        batches = batches_for(data, built.processor, job.config)
-        result = train(built.task, batches, job.config, out / "checkpoints", device=job.device,
-                       on_log=TrainProgress(job_label(job.output), job.config.steps))
-        history, resumed = result.history, result.resumed_from
+        built, result = run_rank(job.rank_job(), device=job.device,
+                                 on_log=TrainProgress(job_label(job.output), job.config.steps))
+        history, resumed, first_step = result.history, result.resumed_from, result.first_step_seconds
+        skipped = result.skipped
     paths = built.task.cpu().export(out, built.processor)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     inputs = [{"role": "init", "source": source, "manifest": parent_manifest(source)}
               for source in built.init_sources.values()]
-    inputs += [{"role": "data", **count.to_dict(), "manifest": parent_manifest(count.source)}
-               for count in data.counts]
+    for index, count in enumerate(counts):
+        reasons = {reason: n for (src, reason), n in sorted(skipped.items()) if src == index}
+        inputs.append({"role": "data", **count, "skipped": reasons,
+                       "manifest": parent_manifest(count["source"])})
+    rows = sum(c["rows"] for c in counts)
     manifest = JobManifest(
         kind=KIND[job.task], status="complete", inputs=inputs, outputs=output_refs(paths),
         parameters=job.parameters(),
-        results={"steps": job.config.steps, "resumed_from": resumed, "images": len(data),
+        results={"steps": job.config.steps, "resumed_from": resumed, "rows": rows,
+                 "epochs": round(job.config.steps * job.config.batch_size / max(rows, 1), 4),
+                 "first_step_seconds": first_step,
                  "first": history[0] if history else None,
                  "last": history[-1] if history else None, "history": history},
         timings={"wall_seconds": round(time.perf_counter() - started, 2)},
@@ -112,4 +126,3 @@ def run_training(job: TrainJob) -> JobManifest:
     validate_manifest(manifest.to_dict(), "job")
     write_json_atomic(str(manifest_path), manifest.to_dict())
     return manifest
-

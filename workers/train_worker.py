@@ -1,8 +1,9 @@
 """Ray Train: the same training loop on N workers with DDP (gloo on CPUs, NCCL on GPUs).
 
-Every worker builds the task and reads the data itself (same seed, same weights; DDP also
-broadcasts rank 0's), takes its share of each global batch, and rank 0 writes the
-checkpoints into the job's folder, which resumes a killed run like the one-process loop.
+Every worker builds the task (same seed, same weights; DDP also broadcasts rank 0's) and
+streams its own part of the data (``capfilt/train/run.py``): no process reads all of it. Rank
+0 writes the checkpoints, with every worker's place in the data, into the job's folder, which
+resumes a killed run like the one-process loop.
 ITC spans the global batch (features gathered across workers, ``capfilt.train.objectives``);
 ITM's hard negatives are drawn from each worker's own share, as in BLIP's pre-training (its
 retrieval fine-tune can draw them from every rank: ``negative_all_rank``; capfilt does not).
@@ -27,10 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def _loop_per_worker(settings: dict) -> None:
-    from capfilt.train.build import build_task
-    from capfilt.train.data import Source, batches_for, load_training_data
-    from capfilt.train.loop import train
     from capfilt.train.progress import TrainProgress, job_label
+    from capfilt.train.run import run_rank
 
     configure_logging("INFO")
     job = settings["job"]
@@ -38,14 +37,10 @@ def _loop_per_worker(settings: dict) -> None:
     if not job.device.startswith("cuda"):
         # Workers on one machine share its cores; more threads than cores only thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
-    built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix)
-    data = load_training_data([Source.parse(text) for text in job.data])
-    model = ray.train.torch.prepare_model(built.task)
-    device = next(built.task.parameters()).device
-    train(built.task, batches_for(data, built.processor, job.config), job.config,
-          Path(job.output) / "checkpoints", model=model, rank=context.get_world_rank(),
-          world=context.get_world_size(), device=str(device),
-          on_log=TrainProgress(job_label(job.output), job.config.steps))
+    run_rank(job.rank_job(), rank=context.get_world_rank(), world=context.get_world_size(),
+             device="cuda" if job.device.startswith("cuda") else "cpu",
+             wrap=ray.train.torch.prepare_model,
+             on_log=TrainProgress(job_label(job.output), job.config.steps))
 
 
 class Trainer(TorchTrainer):

@@ -1,8 +1,8 @@
 """The training loop: AdamW, warm-up then cosine, checkpoints every N steps, exact resume.
 
 One process, or one rank of many (Ray Train wraps the task in DDP and passes rank and world
-size; each rank takes its share of every global batch). Defaults follow BLIP's Table 14:
-AdamW, weight decay 0.05, cosine schedule.
+size; each rank reads its own share of every global batch from its own loader). Defaults follow
+BLIP's Table 14: AdamW, weight decay 0.05, cosine schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from capfilt.train.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from capfilt.train.data import BatchMaker
+from capfilt.train.loader import StreamSpec, rank_loader
+from capfilt.train.stream import Position
 
 log = logging.getLogger("capfilt.train")
 
@@ -85,6 +87,9 @@ class TrainResult:
     resumed_from: int
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    first_step_seconds: float = 0.0  # from the start to the first batch in hand
+    skipped: Counter = field(default_factory=Counter)  # (source index, reason) -> rows
+    positions: dict[int, Position] = field(default_factory=dict)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -96,39 +101,72 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(task: nn.Module, batches: BatchMaker, config: TrainConfig, checkpoints: Path,
-          *, model: nn.Module | None = None, rank: int = 0, world: int = 1,
+def autocast_dtype(config: TrainConfig, device: str) -> torch.dtype | None:
+    """bf16 autocast where asked for, and by default on CUDA."""
+    if config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda")):
+        return torch.bfloat16
+    return None
+
+
+def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints: Path,
+          *, rows: int, model: nn.Module | None = None, rank: int = 0, world: int = 1,
           device: str = "cpu", on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``task`` (its forward returns a dict of losses) for ``config.steps`` steps.
 
-    ``model`` is what the forward runs through (a DDP wrapper of ``task``); ``task`` itself
-    owns the weights that are checkpointed. Resumes from the last checkpoint under
-    ``checkpoints``; refuses one written with other settings.
+    ``stream`` says how this rank's batches are read (``capfilt/train/loader.py``); ``rows``
+    is the data's row count from metadata, which turns steps into epochs (BLIP ramps its
+    distillation over the first epochs). ``model`` is what the forward runs through (a DDP
+    wrapper of ``task``); ``task`` itself owns the weights that are checkpointed. Resumes from
+    the last checkpoint under ``checkpoints``, weights and every reader's place in the data;
+    refuses one written with other settings.
     """
+    began = time.monotonic()
     model = model or task
     optimizer = torch.optim.AdamW(task.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start, history = 0, []
+    start, history, positions, skipped = 0, [], {}, Counter()
     found = latest_checkpoint(checkpoints)
     if found is not None:
         state = load_checkpoint(found)
         _check_same_settings(state["config"], config, found)
+        if state.get("world", 1) != world:
+            raise ValueError(f"{found} was written by {state.get('world', 1)} workers, this run "
+                             f"has {world}: the data order depends on it; resume with as many")
         task.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
+        positions = {int(slot): Position(*place) for slot, place in state["positions"]}
+        if rank == 0:
+            skipped = Counter({(int(src), reason): n for src, reason, n in state["skipped"]})
         log.info("resuming from %s (step %d of %d)", found, start, config.steps)
-    began = time.monotonic()
-    window_start, window_images, sums = time.monotonic(), 0, {}
+    loader = rank_loader(stream, rank, world, start, positions,
+                         pin_memory=device.startswith("cuda"))
+    batches = iter(loader)
+    dtype = autocast_dtype(config, device)
+    first_step = None
+    window_start, window_images, window_wait, sums = time.monotonic(), 0, 0.0, {}
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        pixels, texts = batches(step, rank, world)
+        waited = time.monotonic()
+        batch = next(batches)
+        window_wait += time.monotonic() - waited
+        if first_step is None:
+            first_step = time.monotonic() - began
+        positions[batch.slot] = batch.position
+        skipped.update(batch.skipped)
+        pixels = stream.transform.normalize(batch.pixels.to(device, non_blocking=True))
+        ids = batch.input_ids.to(device, non_blocking=True)
+        mask = batch.attention_mask.to(device, non_blocking=True)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + rank)
-        losses = model(pixels.to(device), texts, generator)
+        progress = step * config.batch_size / max(rows, 1)
+        with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            losses = model(pixels, ids, mask, batch.texts, generator, progress)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        window_images += len(texts) * world
+        window_images += len(batch.texts) * world
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         done = step + 1
@@ -137,20 +175,44 @@ def train(task: nn.Module, batches: BatchMaker, config: TrainConfig, checkpoints
             count = done - max(start, history[-1]["step"] if history else 0)
             record = {"step": done, "lr": lr_at(step, config),
                       **{name: round(total / count, 5) for name, total in sums.items()},
-                      "images_per_s": round(window_images / max(elapsed, 1e-9), 2)}
+                      "epoch": round(done * config.batch_size / max(rows, 1), 4),
+                      "images_per_s": round(window_images / max(elapsed, 1e-9), 2),
+                      "data_wait": round(window_wait / max(elapsed, 1e-9), 3)}
             history.append(record)
             if on_log is not None and rank == 0:
                 on_log(record)
-            window_start, window_images, sums = time.monotonic(), 0, {}
-        if rank == 0 and (
-            (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
-        ):
-            save_checkpoint(checkpoints, done, {
-                "model": task.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": done, "history": history, "config": config.to_dict(),
-            })
+            window_start, window_images, window_wait, sums = time.monotonic(), 0, 0.0, {}
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+            every_position, every_skip = _gather(positions, skipped, world)
+            if rank == 0:
+                save_checkpoint(checkpoints, done, {
+                    "model": task.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": done, "history": history, "config": config.to_dict(),
+                    "world": world,
+                    "positions": [[slot, p.to_list()] for slot, p in sorted(every_position.items())],
+                    "skipped": [[src, reason, n] for (src, reason), n in sorted(every_skip.items())],
+                })
+    every_position, every_skip = _gather(positions, skipped, world)
+    del batches, loader
     return TrainResult(steps=config.steps, resumed_from=start, history=history,
-                       seconds=time.monotonic() - began)
+                       seconds=time.monotonic() - began, first_step_seconds=first_step or 0.0,
+                       skipped=every_skip, positions=every_position)
+
+
+def _gather(positions: dict[int, Position], skipped: Counter,
+            world: int) -> tuple[dict[int, Position], Counter]:
+    """Every rank's slot positions and skip counts (each rank holds its own slots')."""
+    if world == 1:
+        return dict(positions), Counter(skipped)
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (positions, skipped))
+    merged_positions, merged_skipped = {}, Counter()
+    for part_positions, part_skipped in parts:
+        merged_positions.update(part_positions)
+        merged_skipped.update(part_skipped)
+    return merged_positions, merged_skipped
 
 
 def _check_same_settings(saved: dict, config: TrainConfig, where: Path) -> None:

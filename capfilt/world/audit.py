@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capfilt.train.data import VIEWS, round_captions
+from capfilt.train.sources import VIEWS, round_captions
 from capfilt.world.build import load_scenes, load_web_noise
 from capfilt.world.grammar import parse
 from capfilt.world.scene import Scene, differing_attributes

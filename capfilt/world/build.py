@@ -40,7 +40,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.sample_shards import IMG2DATASET_SCHEMA
+from capfilt.sample_shards import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA
 from capfilt.world.grammar import describe
 from capfilt.world.noise import NoiseMix, assign_kinds, noise_counts, web_caption
 from capfilt.world.render import JPEG_QUALITY, jpeg_bytes, render
@@ -191,7 +191,8 @@ def _write_shards(folder: Path, rows: list[dict], rows_per_shard: int) -> list[s
     for shard, start in enumerate(range(0, max(len(rows), 1), rows_per_shard)):
         table = pa.Table.from_pylist(rows[start:start + rows_per_shard], schema=IMG2DATASET_SCHEMA)
         name = f"{shard:05d}.parquet"
-        pq.write_table(table, folder / name)
+        # img2dataset's row groups: the pieces a training stream shuffles and deals out.
+        pq.write_table(table, folder / name, row_group_size=IMG2DATASET_ROW_GROUP)
         names.append(name)
     return names
 

@@ -1,0 +1,244 @@
+"""What training reads: sources, their pieces, and the captions each row offers.
+
+A source is img2dataset shards (parquet or webdataset tars; a glob, folder or list entry, any
+fsspec URL) or a finished round folder with a view of its rows. BLIP's Table 1 ablation is read
+off one CapFilt round through its views:
+
+- ``kept``: the kept captions, web and synthetic (CapFilt: filter and captioner);
+- ``kept_web``: the kept web captions only (filter only);
+- ``web_and_synthetic``: the web caption and every synthetic one, unfiltered (captioner only);
+- ``web``: the web caption alone (no CapFilt).
+
+A source is cut into pieces, the unit the stream shuffles and hands to loader processes: a
+parquet row group (img2dataset writes 100 rows a group, a round 100 too) or a whole tar. Row
+counts come from parquet footers (for a tar, from img2dataset's metadata parquet beside it), so
+listing a web-scale set reads no image.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from dataclasses import dataclass, replace
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.shard_reader import SUCCESS, ShardReadError, expand_inputs, webdataset_rows
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("kept", "kept_web", "web_and_synthetic", "web")
+ROUND_COLUMNS = ["key", "jpg", "web_caption", "synthetic_captions", "kept_captions",
+                 "kept_sources"]
+
+
+class TrainingDataError(ValueError):
+    """A data source that cannot be trained on (missing, empty, unknown view)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A round folder (with a view) or img2dataset shards (a glob, folder or list entry)."""
+
+    path: str
+    view: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        """``ROUND_DIR`` or ``ROUND_DIR@view`` for a round; anything else names shards."""
+        path, _, view = text.partition("@")
+        fs = fsspec.core.url_to_fs(path)[0]
+        is_round = fs.exists(_join(path, "manifest.json"))
+        if not is_round and fs.exists(_join(path, "plan.json")):
+            raise TrainingDataError(f"{path}: this round has not finished (no manifest.json)")
+        if view and not is_round:
+            raise TrainingDataError(f"{text}: a view (@{view}) needs a round folder with a manifest")
+        if is_round:
+            view = view or "kept"
+            if view not in VIEWS:
+                raise TrainingDataError(f"{text}: unknown view {view!r}; use one of {', '.join(VIEWS)}")
+            return cls(path, view)
+        return cls(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.view}" if self.view else self.path
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``offset, offset + stride, ...`` of one row group (parquet) or one tar.
+
+    ``rows`` is the count the metadata gives; a stride above 1 splits a piece between loader
+    processes when a set has fewer pieces than there are processes reading it.
+    """
+
+    url: str
+    source: int  # index into the job's sources
+    view: str | None
+    group: int | None  # parquet row group; None for a tar
+    rows: int
+    stride: int = 1
+    offset: int = 0
+
+    @property
+    def count(self) -> int:
+        return max(0, -(-(self.rows - self.offset) // self.stride))
+
+
+def list_pieces(sources: list[Source]) -> list[Piece]:
+    """Every piece of every source, in a fixed order, counted from metadata."""
+    pieces: list[Piece] = []
+    for index, source in enumerate(sources):
+        found = _source_pieces(index, source)
+        if not found:
+            raise TrainingDataError(f"{source}: no rows to train on")
+        pieces += found
+    return pieces
+
+
+def _source_pieces(index: int, source: Source) -> list[Piece]:
+    if source.view is not None:
+        fs, root = fsspec.core.url_to_fs(source.path)
+        files = sorted(fs.glob(_join(root, "shards", "*.parquet")))
+        if not files:
+            raise TrainingDataError(f"{source.path}: round folder has no shards/*.parquet")
+        urls = [fs.unstrip_protocol(f) if "://" in source.path else f for f in files]
+    else:
+        try:
+            urls = expand_inputs([source.path])
+        except ShardReadError as exc:
+            raise TrainingDataError(str(exc)) from exc
+    pieces = []
+    for url in urls:
+        if url.endswith(".tar"):
+            pieces.append(Piece(url, index, None, None, _tar_rows(url)))
+            continue
+        for group, rows in enumerate(_row_groups(url)):
+            pieces.append(Piece(url, index, source.view, group, rows))
+    return pieces
+
+
+def _row_groups(url: str) -> list[int]:
+    try:
+        with fsspec.open(url, "rb") as handle:
+            meta = pq.ParquetFile(handle).metadata
+    except FileNotFoundError as exc:
+        raise TrainingDataError(f"{url}: file not found") from exc
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TrainingDataError(f"{url}: not a readable parquet file ({exc})") from exc
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _tar_rows(url: str) -> int:
+    """Rows of an img2dataset tar from its metadata parquet (successful rows are the ones in
+    the tar); without one, the tar's headers are read once."""
+    sidecar = url[: -len(".tar")] + ".parquet"
+    try:
+        with fsspec.open(sidecar, "rb") as handle:
+            status = pq.read_table(handle, columns=["status"]).column("status").to_pylist()
+        return sum(1 for s in status if s == SUCCESS)
+    except (FileNotFoundError, KeyError, pa.ArrowInvalid):
+        log.warning("%s: no img2dataset metadata beside it; counting its samples", url)
+    keys = set()
+    try:
+        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile() and "." in member.name.rsplit("/", 1)[-1]:
+                    keys.add(member.name.split(".", 1)[0])
+    except (tarfile.TarError, OSError) as exc:
+        raise TrainingDataError(f"{url}: not a readable tar file ({exc})") from exc
+    return len(keys)
+
+
+def split_pieces(pieces: list[Piece], parts: int) -> list[Piece]:
+    """At least ``parts`` pieces: each split by row stride when there are fewer."""
+    if len(pieces) >= parts:
+        return pieces
+    factor = -(-parts // len(pieces))
+    return [replace(p, stride=factor, offset=k) for p in pieces for k in range(factor)]
+
+
+@dataclass
+class Row:
+    """One training row: its key, image bytes (or None), captions, and why it cannot be used."""
+
+    key: str
+    image: bytes | None
+    captions: list[str]
+    skip: str | None = None
+    source: int = -1  # index of the job's source it came from
+
+
+def read_piece(piece: Piece) -> list[Row]:
+    """The rows of a piece, in file order (``piece.count`` of them, or fewer for a short tar)."""
+    if piece.group is None:
+        with fsspec.open(piece.url, "rb") as handle:
+            table, _ = webdataset_rows(piece.url, handle.read())
+        rows = _shard_rows(table)
+    else:
+        with fsspec.open(piece.url, "rb") as handle:
+            file = pq.ParquetFile(handle)
+            names = set(file.schema_arrow.names)
+            wanted = ROUND_COLUMNS if piece.view else ["key", "jpg", "caption", "status"]
+            table = file.read_row_group(piece.group, columns=[c for c in wanted if c in names])
+        rows = _round_rows(table, piece.view) if piece.view else _shard_rows(table)
+    rows = rows[piece.offset::piece.stride]
+    for row in rows:
+        row.source = piece.source
+    return rows
+
+
+def _shard_rows(table: pa.Table) -> list[Row]:
+    if "jpg" not in table.column_names:
+        raise TrainingDataError("a training shard has no jpg column")
+    n = table.num_rows
+    keys = _strings(table, "key", n)
+    captions = _strings(table, "caption", n)
+    status = _strings(table, "status", n, default=SUCCESS)
+    rows = []
+    for key, image, caption, state in zip(keys, table.column("jpg").to_pylist(), captions, status):
+        skip = None if state == SUCCESS else (state or "failed")
+        rows.append(Row(key or "", image, [caption or ""], skip))
+    return rows
+
+
+def _round_rows(table: pa.Table, view: str) -> list[Row]:
+    return [Row(row["key"], row["jpg"], round_captions(row, view)) for row in table.to_pylist()]
+
+
+def _strings(table: pa.Table, name: str, n: int, default: str | None = None) -> list:
+    if name not in table.column_names:
+        return [default] * n
+    values = table.column(name)
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        return [None if v is None else v.decode("utf-8", errors="replace")
+                for v in values.to_pylist()]
+    return values.cast(pa.string()).to_pylist()
+
+
+def round_captions(row: dict, view: str) -> list[str]:
+    """The captions a round's output row offers under ``view`` (see the module docstring)."""
+    if view == "kept":
+        return list(row["kept_captions"])
+    if view == "kept_web":
+        return [c for c, s in zip(row["kept_captions"], row["kept_sources"]) if s == "web"]
+    if view == "web_and_synthetic":
+        return [row["web_caption"] or ""] + list(row["synthetic_captions"])
+    if view == "web":
+        return [row["web_caption"] or ""]
+    raise TrainingDataError(f"unknown view {view!r}")
+
+
+def source_rows(pieces: list[Piece], sources: list[Source]) -> list[dict]:
+    """Rows per source as the metadata counts them (for manifests)."""
+    counts = [0] * len(sources)
+    for piece in pieces:
+        counts[piece.source] += piece.count
+    return [{"source": str(s), "rows": c} for s, c in zip(sources, counts)]
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
