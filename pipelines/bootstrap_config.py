@@ -6,9 +6,10 @@ Top-level keys name the data and where models start; one table per step sets tha
     init = "scratch:models/blank"   rounds = 1             ablation = true    seed = 0
     parallel = 3    (trainings that do not depend on each other at once; CPU, one worker each)
     vision_init = "timm:vit_base_patch16_224.augreg_in21k_ft_in1k"   (optional, with scratch:)
-    [pretrain]            steps, batch_size, lr, min_lr, warmup_steps, weight_decay, augment,
-    [finetune_captioner]  checkpoint_every, log_every; and negative_mix, workers, device
-    [finetune_filter]
+    [pretrain]            any TrainConfig field (steps, batch_size, lr, min_lr, warmup_steps,
+    [finetune_captioner]  weight_decay, augment, checkpoint_every, log_every, momentum,
+    [finetune_filter]     queue_size, alpha, negative_all_rank, precision, loader_workers, ...);
+                          and negative_mix, workers, device
     [round]               num_captions, threshold, policy, top_k, rank_by, batch_size, workers,
                           max_new_tokens, top_p, dtype
     [eval]                k, num_beams, max_new_tokens, limit, judge, models

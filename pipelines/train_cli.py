@@ -33,6 +33,26 @@ def add_training_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--negative-mix", type=float, default=0.0,
                          help="ITM negatives: share drawn uniformly instead of by similarity "
                          "(BLIP: 0; models trained from scratch need about 0.5)")
+    blip = command.add_argument_group("BLIP's objectives (pretrain and the filter)")
+    blip.add_argument("--no-momentum", dest="momentum", action="store_false",
+                      help="no momentum encoders, queue or distillation: ITC within the batch")
+    blip.add_argument("--momentum-decay", type=float, default=0.995)
+    blip.add_argument("--queue-size", type=int, default=57600,
+                      help="momentum features kept for ITC; divisible by the batch size")
+    blip.add_argument("--alpha", type=float, default=0.4,
+                      help="momentum distillation weight, ramped up over the first epochs")
+    blip.add_argument("--negative-all-rank", action="store_true",
+                      help="ITM hard negatives from every worker's share (BLIP's retrieval "
+                      "fine-tune), not each worker's own")
+    engine = command.add_argument_group("engine")
+    engine.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 autocast on CUDA, float32 elsewhere")
+    engine.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (less GPU memory)")
+    engine.add_argument("--loader-workers", type=int, default=2,
+                        help="decoding processes per training process (0: decode in it)")
+    engine.add_argument("--shuffle-buffer", type=int, default=2048,
+                        help="rows each decoding process shuffles together (held encoded)")
     command.add_argument("--checkpoint-every", type=int, default=0)
     command.add_argument("--log-every", type=int, default=10)
     command.add_argument("--workers", type=int, default=1,
@@ -100,6 +120,10 @@ def train_job(args):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
         augment=args.augment, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        momentum=args.momentum, momentum_decay=args.momentum_decay, queue_size=args.queue_size,
+        alpha=args.alpha, negative_all_rank=args.negative_all_rank, precision=args.precision,
+        grad_checkpointing=args.grad_checkpointing, loader_workers=args.loader_workers,
+        shuffle_buffer=args.shuffle_buffer,
     )
     return TrainJob(task=args.task, init=args.init, data=tuple(args.data), output=args.output,
                     config=config, vision_init=args.vision_init, workers=args.workers,
@@ -116,8 +140,9 @@ def command_train(args) -> int:
     manifest = run_training(job)
     last = manifest.results["last"] or {}
     losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in ("step", "lr", "images_per_s"))
-    print(f"{manifest.kind}: {manifest.results['steps']} steps, {manifest.results['images']} "
-          f"images; last losses {losses}; {manifest.timings['wall_seconds']:.0f}s")
+    print(f"{manifest.kind}: {manifest.results['steps']} steps, {manifest.results['epochs']} "
+          f"epochs of {manifest.results['rows']} rows; last losses {losses}; "
+          f"{manifest.timings['wall_seconds']:.0f}s")
     for output in manifest.outputs:
         print(f"  {output['role']}: {output['path']}")
     return 0
