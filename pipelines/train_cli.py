@@ -51,7 +51,7 @@ def add_training_arguments(command: argparse.ArgumentParser) -> None:
                         help="recompute activations in the backward pass (less GPU memory)")
     engine.add_argument("--loader-workers", type=int, default=2,
                         help="decoding processes per training process (0: decode in it)")
-    engine.add_argument("--shuffle-buffer", type=int, default=2048,
+    engine.add_argument("--shuffle-buffer", type=int, default=512,
                         help="rows each decoding process shuffles together (held encoded)")
     command.add_argument("--checkpoint-every", type=int, default=0)
     command.add_argument("--log-every", type=int, default=10)

@@ -24,12 +24,10 @@ from transformers import (
 )
 
 from capfilt.bleu import corpus_bleu
-from capfilt.image_transform import ImageTransform
 from capfilt.sample_shards import COLOURS, IMG2DATASET_SCHEMA
 from capfilt.tiny import save_random_models, tiny_config, tiny_processor
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.checkpoints import list_checkpoints, load_checkpoint
-from capfilt.train.data import BatchMaker, Source, load_training_data
 from capfilt.train.loop import TrainConfig
 from capfilt.train.objectives import hard_negatives
 from capfilt.train.timm_vision import blip_vision_config, check_timm_vit, load_timm_into
@@ -136,26 +134,6 @@ def test_finetuned_captioner_and_filter_come_from_the_pretrained_model(pretraine
     # Starting where pre-training ended: the first losses are near its last ones.
     assert captioner.results["first"]["lm"] < pre_manifest.results["first"]["lm"]
     BlipForImageTextRetrieval.from_pretrained(tmp_path / "fil" / "filter")
-
-
-def test_unaugmented_batches_come_from_a_bounded_cache_unchanged(squares):
-    """Without augmentation an image's pixels never change: decoded once, while they fit."""
-    data = load_training_data([Source(str(squares))])
-    transform = ImageTransform.from_processor(tiny_processor(32).image_processor)
-    plain = BatchMaker(data, transform, 16, seed=0, augment="none", cache_mib=0)
-    cached = BatchMaker(data, transform, 16, seed=0, augment="none", cache_mib=1)
-    for step in (0, 1, 0, 5):
-        (a, ta), (b, tb) = plain(step), cached(step)
-        assert torch.equal(a, b) and ta == tb
-    assert plain.cached == 0 and 16 <= cached.cached <= len(data)
-    per_image = 3 * 32 * 32 * 4
-    small = BatchMaker(data, transform, 16, seed=0, augment="none", cache_mib=10 * per_image / 2**20)
-    for step in range(4):
-        assert torch.equal(small(step)[0], plain(step)[0])
-    assert small.cached == 10
-    augmented = BatchMaker(data, transform, 16, seed=0, augment="blip", cache_mib=1)
-    augmented(0)
-    assert augmented.cached == 0
 
 
 def test_text_encoder_and_decoder_share_what_blip_shares():

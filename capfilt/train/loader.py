@@ -66,7 +66,7 @@ class StreamSpec:
     batch_size: int  # per rank
     seed: int
     augment: str = "blip"
-    buffer: int = 2048
+    buffer: int = 512
     loader_workers: int = 2
 
     def __post_init__(self):

@@ -23,7 +23,8 @@ from capfilt.train.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from capfilt.train.loader import StreamSpec, rank_loader
+from capfilt.image_transform import ImageTransform
+from capfilt.train.loader import StreamSpec, TrainBatch, rank_loader
 from capfilt.train.stream import Position
 
 log = logging.getLogger("capfilt.train")
@@ -59,7 +60,7 @@ class TrainConfig:
     # The data stream (capfilt/train/stream.py): decoding processes per training process, and
     # the rows each of them shuffles together.
     loader_workers: int = 2
-    shuffle_buffer: int = 2048
+    shuffle_buffer: int = 512
 
     def __post_init__(self):
         if self.steps < 1:
@@ -108,6 +109,23 @@ def autocast_dtype(config: TrainConfig, device: str) -> torch.dtype | None:
     return None
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch,
+               transform: ImageTransform, device: str, dtype: torch.dtype | None,
+               generator: torch.Generator, progress: float) -> dict[str, torch.Tensor]:
+    """One optimiser step on one batch: pixels normalised on the device, bf16 autocast where
+    ``dtype`` says, the losses summed. Returns the losses."""
+    pixels = transform.normalize(batch.pixels.to(device, non_blocking=True))
+    ids = batch.input_ids.to(device, non_blocking=True)
+    mask = batch.attention_mask.to(device, non_blocking=True)
+    with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
+                        enabled=dtype is not None):
+        losses = model(pixels, ids, mask, batch.texts, generator, progress)
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+    return losses
+
+
 def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints: Path,
           *, rows: int, model: nn.Module | None = None, rank: int = 0, world: int = 1,
           device: str = "cpu", on_log: Callable[[dict], None] | None = None) -> TrainResult:
@@ -154,18 +172,9 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
             first_step = time.monotonic() - began
         positions[batch.slot] = batch.position
         skipped.update(batch.skipped)
-        pixels = stream.transform.normalize(batch.pixels.to(device, non_blocking=True))
-        ids = batch.input_ids.to(device, non_blocking=True)
-        mask = batch.attention_mask.to(device, non_blocking=True)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + rank)
-        progress = step * config.batch_size / max(rows, 1)
-        with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
-                            enabled=dtype is not None):
-            losses = model(pixels, ids, mask, batch.texts, generator, progress)
-        total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        losses = train_step(model, optimizer, batch, stream.transform, device, dtype, generator,
+                            progress=step * config.batch_size / max(rows, 1))
         window_images += len(batch.texts) * world
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())

@@ -88,8 +88,8 @@ class SlotStream:
                                          min(total, (window + 1) * self.buffer))
                 order = self.window_order(epoch, window, len(rows))
                 for index in range(offset, len(order)):
-                    yield (rows[order[index]], Place(epoch, window, index),
-                           Position(epoch, window, index + 1))
+                    row, rows[order[index]] = rows[order[index]], None  # hold only what is left
+                    yield row, Place(epoch, window, index), Position(epoch, window, index + 1)
                 window, offset = window + 1, 0
             epoch, window, offset = epoch + 1, 0, 0
 
