@@ -94,7 +94,8 @@ def run_training(job: TrainJob) -> JobManifest:
                            config=job.config)
         state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
         built.task.load_state_dict(state["model"])
-        history, resumed, first_step = state["history"], None, None
+        history, first_step = state["history"], None
+        resumed = state["resumes"][0] if state["resumes"] else 0
         skipped = Counter({(src, reason): n for src, reason, n in state["skipped"]})
     else:
         built, result = run_rank(job.rank_job(), device=job.device,

@@ -219,6 +219,46 @@ def test_two_ray_train_workers_train_alike(blank, squares, pretrained, ray_local
     BlipForConditionalGeneration.from_pretrained(tmp_path / "ddp" / "captioner")
 
 
+def ray_train_workers() -> list[int]:
+    """Processes of Ray Train's workers (their title names the actor class)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_ray_train_worker_lost_mid_run_resumes_from_the_checkpoint(blank, squares, ray_local,
+                                                                     tmp_path):
+    import threading
+
+    out = tmp_path / "lost"
+    killed = []
+
+    def kill_one_worker():
+        wait_for(lambda: (out / "checkpoints" / "step-000020").exists(), timeout=300)
+        pid = wait_for(ray_train_workers, timeout=60)[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    manifest = run_training(job("pretrain", f"scratch:{blank}", [squares], out, steps=60,
+                                workers=2, checkpoint_every=20))
+    killer.join(timeout=5)
+    assert killed
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert state["step"] == 60 and state["world"] == 2
+    # The group was started again and went on from a checkpoint, not from step 0.
+    assert state["resumes"] and state["resumes"][0] >= 20
+    assert manifest.results["resumed_from"] == state["resumes"][0]
+    assert [r["step"] for r in manifest.results["history"]] == [10, 20, 30, 40, 50, 60]
+
+
 def test_a_batch_that_does_not_divide_by_the_workers_is_refused(blank, squares, tmp_path):
     with pytest.raises(ValueError, match="batch_size 16 does not divide by workers 3"):
         job("pretrain", f"scratch:{blank}", [squares], tmp_path / "x", workers=3)

@@ -3,10 +3,13 @@
 Every worker builds the task (same seed, same weights; DDP also broadcasts rank 0's) and
 streams its own part of the data (``capfilt/train/run.py``): no process reads all of it. Rank
 0 writes the checkpoints, with every worker's place in the data, into the job's folder, which
-resumes a killed run like the one-process loop.
-ITC spans the global batch (features gathered across workers, ``capfilt.train.objectives``);
-ITM's hard negatives are drawn from each worker's own share, as in BLIP's pre-training (its
-retrieval fine-tune can draw them from every rank: ``negative_all_rank``; capfilt does not).
+resumes a killed run like the one-process loop; a worker lost mid-run makes Ray Train start
+the group again, which resumes the same way.
+With BLIP's momentum encoders, each worker's ITC compares its rows with its own momentum
+features and the queue that every worker feeds; without them, ITC spans the global batch
+(features gathered across workers). ITM's hard negatives come from each worker's own share, as
+in BLIP's pre-training, or from every worker's with ``negative_all_rank`` (BLIP's retrieval
+fine-tune); see ``capfilt/train/objectives.py``.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from capfilt.terminal import configure_logging
 
 log = logging.getLogger(__name__)
+MAX_FAILURES = 3
 
 
 def _loop_per_worker(settings: dict) -> None:
@@ -79,7 +83,10 @@ def run_ray_train(job) -> None:
             resources_per_worker=None if use_gpu else {"CPU": 0.5},
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # A lost worker (a process killed, a node gone): Ray Train starts the group again and
+        # every worker resumes from the last checkpoint in the job's folder.
         run_config=RunConfig(name="capfilt-train",
-                             storage_path=str((Path(job.output) / "ray").resolve())),
+                             storage_path=str((Path(job.output) / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
     trainer.fit()

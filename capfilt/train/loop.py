@@ -141,7 +141,7 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
     began = time.monotonic()
     model = model or task
     optimizer = torch.optim.AdamW(task.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start, history, positions, skipped = 0, [], {}, Counter()
+    start, history, positions, skipped, resumes = 0, [], {}, Counter(), []
     found = latest_checkpoint(checkpoints)
     if found is not None:
         state = load_checkpoint(found)
@@ -152,6 +152,7 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
         task.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
+        resumes = state["resumes"] + [start]
         positions = {int(slot): Position(*place) for slot, place in state["positions"]}
         if rank == 0:
             skipped = Counter({(int(src), reason): n for src, reason, n in state["skipped"]})
@@ -197,7 +198,7 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
                 save_checkpoint(checkpoints, done, {
                     "model": task.state_dict(), "optimizer": optimizer.state_dict(),
                     "step": done, "history": history, "config": config.to_dict(),
-                    "world": world,
+                    "world": world, "resumes": resumes,
                     "positions": [[slot, p.to_list()] for slot, p in sorted(every_position.items())],
                     "skipped": [[src, reason, n] for (src, reason), n in sorted(every_skip.items())],
                 })
