@@ -1,4 +1,5 @@
-"""BLIP's momentum encoders and feature queues (salesforce/BLIP blip_pretrain.py, blip_retrieval.py).
+"""BLIP's momentum encoders and feature queues (salesforce/BLIP blip_pretrain.py and
+blip_retrieval.py).
 
 A ``MomentumEncoders`` holds copies of the online model's vision encoder, ``vision_proj``, text
 encoder and ``text_proj``, never trained by gradient (``requires_grad`` False) but moved each
@@ -51,12 +52,14 @@ class MomentumEncoders(nn.Module):
         dim = self.vision_proj.out_features
         # Its own generator: every rank starts from the same queue without a global seed.
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("image_queue", F.normalize(torch.randn(dim, queue_size, generator=generator), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(dim, queue_size, generator=generator), dim=0))
+        for name in ("image_queue", "text_queue"):
+            start = torch.randn(dim, queue_size, generator=generator)
+            self.register_buffer(name, F.normalize(start, dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.with_ids = with_ids
         if with_ids:
-            self.register_buffer("id_queue", torch.full((queue_size,), NO_TEXT_ID, dtype=torch.long))
+            self.register_buffer("id_queue",
+                                 torch.full((queue_size,), NO_TEXT_ID, dtype=torch.long))
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
