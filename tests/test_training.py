@@ -75,8 +75,9 @@ def blank(tmp_path_factory) -> Path:
 
 
 def job(task, init, data, output, steps=STEPS, workers=1, **config) -> TrainJob:
+    # BLIP's momentum encoders and queue, the queue two batches long on this 48-image set.
     settings = {"steps": steps, "batch_size": 16, "lr": 3e-3, "min_lr": 1e-3, "warmup_steps": 5,
-                "augment": "none", "log_every": 10, **config}
+                "augment": "none", "log_every": 10, "queue_size": 32, **config}
     return TrainJob(task=task, init=str(init), data=tuple(str(d) for d in data),
                     output=str(output), config=TrainConfig(**settings), workers=workers)
 
@@ -282,7 +283,8 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(blank, squares, pret
     command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--init", f"scratch:{blank}",
                "--data", str(squares), "--output", str(out), "--steps", str(STEPS),
                "--batch-size", "16", "--lr", "3e-3", "--min-lr", "1e-3", "--warmup-steps", "5",
-               "--augment", "none", "--log-every", "10", "--checkpoint-every", "20"]
+               "--augment", "none", "--log-every", "10", "--checkpoint-every", "20",
+               "--queue-size", "32"]
     child = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
