@@ -194,19 +194,26 @@ def _parquet_rows(url: str, data: bytes, options: ReaderOptions) -> tuple[pa.Tab
     return table, warnings
 
 
+def sample_key(name: str) -> str | None:
+    """The sample a tar member belongs to, webdataset's way: its path up to the first dot of its
+    basename (``a/b.c/00001.jpg`` -> ``a/b.c/00001``); None for a name without an extension."""
+    folder, base = posixpath.split(name)
+    if "." not in base:
+        return None
+    stem = base.split(".", 1)[0]
+    return posixpath.join(folder, stem) if folder else stem
+
+
 def webdataset_rows(url: str, data: bytes) -> tuple[pa.Table, list[str]]:
     """Group tar members by key, webdataset's way: the name up to the first dot of its basename."""
     samples: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
             for member in archive:
-                if not member.isfile():
+                key = sample_key(member.name) if member.isfile() else None
+                if key is None:
                     continue
-                folder, base = posixpath.split(member.name)
-                if "." not in base:
-                    continue
-                stem, extension = base.split(".", 1)
-                key = posixpath.join(folder, stem) if folder else stem
+                extension = posixpath.basename(member.name).split(".", 1)[1]
                 handle = archive.extractfile(member)
                 samples.setdefault(key, {})[extension.lower()] = handle.read()
     except (tarfile.TarError, EOFError, OSError) as exc:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capfilt.train.build import build_task, output_refs
@@ -68,6 +69,27 @@ class TrainJob:
                 "workers": self.workers, "device": self.device, **self.config.to_dict()}
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (Ray Train runs its workers in folders of their own); URLs,
+    hub ids and anything not on this disk stay as they are."""
+    if "://" in path or not (Path(path).exists() or any(c in path for c in "*?[{")):
+        return path
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(job: TrainJob) -> TrainJob:
+    init = job.init
+    if init.startswith("scratch:"):
+        init = "scratch:" + _absolute(init[len("scratch:"):])
+    else:
+        init = _absolute(init)
+    data = []
+    for text in job.data:
+        path, sep, view = text.rpartition("@")
+        data.append(_absolute(path) + sep + view if sep and "/" not in view else _absolute(text))
+    return replace(job, init=init, data=tuple(data), output=os.path.abspath(job.output))
+
+
 def run_training(job: TrainJob) -> JobManifest:
     out = Path(job.output)
     manifest_path = out / "manifest.json"
@@ -89,18 +111,17 @@ def run_training(job: TrainJob) -> JobManifest:
         from workers.train_worker import run_ray_train
 
         ensure_ray(job.address)
-        run_ray_train(job)
+        run_ray_train(with_absolute_paths(job))
         built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix,
                            config=job.config)
         state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
         built.task.load_state_dict(state["model"])
-        history, first_step = state["history"], None
-        resumed = state["resumes"][0] if state["resumes"] else 0
+        history, first_step, resumes = state["history"], None, state["resumes"]
         skipped = Counter({(src, reason): n for src, reason, n in state["skipped"]})
     else:
         built, result = run_rank(job.rank_job(), device=job.device,
                                  on_log=TrainProgress(job_label(job.output), job.config.steps))
-        history, resumed, first_step = result.history, result.resumed_from, result.first_step_seconds
+        history, resumes, first_step = result.history, result.resumes, result.first_step_seconds
         skipped = result.skipped
     paths = built.task.cpu().export(out, built.processor)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -114,7 +135,8 @@ def run_training(job: TrainJob) -> JobManifest:
     manifest = JobManifest(
         kind=KIND[job.task], status="complete", inputs=inputs, outputs=output_refs(paths),
         parameters=job.parameters(),
-        results={"steps": job.config.steps, "resumed_from": resumed, "rows": rows,
+        results={"steps": job.config.steps, "resumes": resumes,
+                 "resumed_from": resumes[-1] if resumes else 0, "rows": rows,
                  "epochs": round(job.config.steps * job.config.batch_size / max(rows, 1), 4),
                  "first_step_seconds": first_step,
                  "first": history[0] if history else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from capfilt.image_transform import ImageTransform
 from capfilt.sample_shards import IMG2DATASET_SCHEMA
 from capfilt.tiny import tiny_processor
 from capfilt.train.loader import StreamSpec, rank_loader, slot_batches
-from capfilt.train.sources import Source, list_pieces, read_piece, split_pieces
+from capfilt.train.sources import (
+    Source,
+    TrainingDataError,
+    list_pieces,
+    read_piece,
+    split_pieces,
+)
 from capfilt.train.stream import Position, SlotStream
 from capfilt.train.text import TextEncoding
 
@@ -214,3 +221,60 @@ def test_fsspec_urls_stream(shards):
     assert len(pieces) == 8 and pieces[0].url.startswith("memory://")
     batch = next(iter(rank_loader(spec_for(pieces), 0, 1, 0, None)))
     assert len(batch.texts) == 8 and all(t.startswith("caption ") for t in batch.texts)
+
+
+def test_a_reader_resumed_at_the_end_of_its_epoch_goes_on_into_the_next(shards):
+    pieces = list_pieces([Source.parse(str(shards / "00000.parquet"))])  # 40 rows
+    spec = spec_for(pieces, batch=10, buffer=16, augment="none")
+    straight = take(slot_batches(spec, pieces, 0, 1, Position()), 8)
+    assert straight[3].position == Position(0, 2, 8)  # the last row of epoch 0
+    resumed = take(slot_batches(spec, pieces, 0, 1, straight[3].position), 4)
+    assert [b.texts for b in resumed] == [b.texts for b in straight[4:]]
+
+
+def test_bad_rows_and_unreadable_pieces_are_skipped_with_reasons(tmp_path):
+    rows = shard_rows(0)[:20]
+    rows[3]["jpg"] = b"not a jpeg at all"
+    rows[4]["caption"] = None
+    rows[5]["key"] = None
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMG2DATASET_SCHEMA), tmp_path / "a.parquet",
+                   row_group_size=GROUP)
+    pq.write_table(pa.Table.from_pylist(shard_rows(1)[:20], schema=IMG2DATASET_SCHEMA),
+                   tmp_path / "b.parquet", row_group_size=GROUP)
+    pieces = list_pieces([Source.parse(str(tmp_path))])
+    (tmp_path / "b.parquet").write_bytes(b"truncated after listing")
+    spec = spec_for(pieces, batch=4, buffer=8, augment="none")
+    skipped = Counter()
+    for batch in take(slot_batches(spec, pieces, 0, 1, Position()), 8):  # two epochs of 17
+        skipped.update(batch.skipped)
+    assert skipped == {(0, "undecodable_image"): 2, (0, "no_caption"): 2,
+                       (0, "unreadable_shard"): 40}
+
+
+def test_data_without_a_usable_row_is_refused_not_spun_on(tmp_path):
+    rows = shard_rows(0)[:5]
+    for row in rows:
+        row["status"] = "failed_to_download"
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMG2DATASET_SCHEMA), tmp_path / "bad.parquet")
+    pieces = list_pieces([Source.parse(str(tmp_path / "bad.parquet"))])
+    with pytest.raises(TrainingDataError, match="no usable row"):
+        next(slot_batches(spec_for(pieces, batch=2), pieces, 0, 1, Position()))
+    pq.write_table(pa.Table.from_pylist([], schema=IMG2DATASET_SCHEMA), tmp_path / "empty.parquet")
+    with pytest.raises(TrainingDataError, match="no rows to train on"):
+        list_pieces([Source.parse(str(tmp_path / "empty.parquet"))])
+    pq.write_table(pa.table({"key": ["a"], "text": ["x"]}), tmp_path / "other.parquet")
+    with pytest.raises(TrainingDataError, match="other.parquet: no jpg column"):
+        list_pieces([Source.parse(str(tmp_path / "other.parquet"))])
+
+
+def test_a_tar_without_metadata_is_counted_as_its_samples_are_grouped(tmp_path):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for n in range(3):
+            for extension, data in (("jpg", jpeg(n)), ("txt", f"caption {n}".encode())):
+                info = tarfile.TarInfo(f"./v1.2/{n:05d}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pieces = list_pieces([Source.parse(str(tmp_path / "00000.tar"))])
+    assert [p.count for p in pieces] == [3]
+    assert sorted(r.captions[0] for r in read_piece(pieces[0])) == [
+        "caption 0", "caption 1", "caption 2"]

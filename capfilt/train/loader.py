@@ -105,18 +105,19 @@ def slot_batches(spec: StreamSpec, pieces: list[Piece], slot: int, slots: int,
     """Whole batches of one slot, forever; rows that cannot be trained on are counted."""
     stream = SlotStream(pieces, slot, slots, spec.seed, spec.buffer, read_piece)
     pixels, texts, skipped = [], [], Counter()
-    used_in_epoch, epoch = 0, start.epoch
+    # A run of unusable rows longer than the whole set means this reader would never fill a
+    # batch again (every row it is dealt fails): say so rather than spin.
+    limit, unusable = sum(p.count for p in pieces), 0
     for row, place, after in stream.rows(start):
-        if place.epoch != epoch:
-            if used_in_epoch == 0 and place.epoch > start.epoch:
-                raise TrainingDataError(f"reader {slot} found no usable row in a whole epoch "
-                                        f"of its pieces ({dict(skipped)})")
-            used_in_epoch, epoch = 0, place.epoch
         sample = make_sample(row, place, spec, slot)
         if isinstance(sample, str):
-            skipped[(row.source if row is not None else -1, sample)] += 1
+            skipped[(row.source, sample)] += 1
+            unusable += 1
+            if unusable > limit:
+                raise TrainingDataError(f"reader {slot} found no usable row in {unusable} rows "
+                                        f"running; skipped so far: {dict(skipped)}")
             continue
-        used_in_epoch += 1
+        unusable = 0
         pixels.append(sample[0])
         texts.append(sample[1])
         if len(texts) == spec.batch_size:
@@ -125,11 +126,9 @@ def slot_batches(spec: StreamSpec, pieces: list[Piece], slot: int, slots: int,
             pixels, texts, skipped = [], [], Counter()
 
 
-def make_sample(row: Row | None, place: Place, spec: StreamSpec,
+def make_sample(row: Row, place: Place, spec: StreamSpec,
                 slot: int) -> tuple[torch.Tensor, str] | str:
     """(uint8 pixels, one caption) for a row, or the reason it is skipped."""
-    if row is None:
-        return "missing_row"
     if row.skip:
         return row.skip
     captions = [c for c in row.captions if c and c.strip()]
@@ -150,7 +149,6 @@ def random_resized_crop(image: Image.Image, rng) -> Image.Image:
     """torchvision's RandomResizedCrop parameters (scale 0.5-1) and a horizontal flip, seeded."""
     width, height = image.size
     area = width * height
-    box = (0, 0, width, height)
     for _ in range(10):
         target = area * rng.uniform(*CROP_SCALE)
         ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
@@ -161,6 +159,15 @@ def random_resized_crop(image: Image.Image, rng) -> Image.Image:
             top = rng.randint(0, height - h)
             box = (left, top, left + w, top + h)
             break
+    else:  # torchvision's fallback: a centre crop, its ratio clamped to the range
+        ratio = width / height
+        w, h = width, height
+        if ratio < CROP_RATIO[0]:
+            h = int(round(width / CROP_RATIO[0]))
+        elif ratio > CROP_RATIO[1]:
+            w = int(round(height * CROP_RATIO[1]))
+        left, top = (width - w) // 2, (height - h) // 2
+        box = (left, top, left + w, top + h)
     image = image.crop(box)
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -7,6 +7,7 @@ BLIP's Table 14: AdamW, weight decay 0.05, cosine schedule.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -85,7 +86,7 @@ RESUME_FREE = ("checkpoint_every", "log_every")
 @dataclass
 class TrainResult:
     steps: int
-    resumed_from: int
+    resumes: list[int]  # the steps this job resumed from, in order
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # from the start to the first batch in hand
@@ -142,18 +143,24 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
     model = model or task
     optimizer = torch.optim.AdamW(task.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start, history, positions, skipped, resumes = 0, [], {}, Counter(), []
-    found = latest_checkpoint(checkpoints)
+    data = data_fingerprint(stream)
+    found = _agreed_checkpoint(checkpoints, world)
     if found is not None:
         state = load_checkpoint(found)
         _check_same_settings(state["config"], config, found)
-        if state.get("world", 1) != world:
-            raise ValueError(f"{found} was written by {state.get('world', 1)} workers, this run "
+        if state["world"] != world:
+            raise ValueError(f"{found} was written by {state['world']} workers, this run "
                              f"has {world}: the data order depends on it; resume with as many")
+        if state["data"] != data:
+            raise ValueError(f"{found} was trained on other data (its shards or their row "
+                             "counts differ): use the same --data to resume, or another output")
         task.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
         resumes = state["resumes"] + [start]
-        positions = {int(slot): Position(*place) for slot, place in state["positions"]}
+        own = range(rank * stream.per_rank, (rank + 1) * stream.per_rank)
+        positions = {int(slot): Position(*place) for slot, place in state["positions"]
+                     if int(slot) in own}
         if rank == 0:
             skipped = Counter({(int(src), reason): n for src, reason, n in state["skipped"]})
         log.info("resuming from %s (step %d of %d)", found, start, config.steps)
@@ -198,15 +205,37 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
                 save_checkpoint(checkpoints, done, {
                     "model": task.state_dict(), "optimizer": optimizer.state_dict(),
                     "step": done, "history": history, "config": config.to_dict(),
-                    "world": world, "resumes": resumes,
+                    "world": world, "resumes": resumes, "data": data,
                     "positions": [[slot, p.to_list()] for slot, p in sorted(every_position.items())],
                     "skipped": [[src, reason, n] for (src, reason), n in sorted(every_skip.items())],
                 })
     every_position, every_skip = _gather(positions, skipped, world)
     del batches, loader
-    return TrainResult(steps=config.steps, resumed_from=start, history=history,
+    return TrainResult(steps=config.steps, resumes=resumes, history=history,
                        seconds=time.monotonic() - began, first_step_seconds=first_step or 0.0,
                        skipped=every_skip, positions=every_position)
+
+
+def data_fingerprint(stream: StreamSpec) -> str:
+    """What the order of the data depends on besides the seed: its pieces and their counts."""
+    text = "\n".join(f"{p.url}|{p.group}|{p.rows}|{p.view}" for p in stream.pieces)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _agreed_checkpoint(checkpoints: Path, world: int) -> Path | None:
+    """The checkpoint to resume from: rank 0's choice, which every rank must see too (a
+    checkpoint folder that is not shared by all ranks would split them at different steps)."""
+    found = latest_checkpoint(checkpoints)
+    if world == 1:
+        return found
+    import torch.distributed as dist
+
+    choice = [str(found) if found else None]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] != (str(found) if found else None):
+        raise RuntimeError(f"rank {dist.get_rank()} sees checkpoint {found}, rank 0 sees "
+                           f"{choice[0]}: the output folder must be shared by every worker")
+    return found
 
 
 def _gather(positions: dict[int, Position], skipped: Counter,

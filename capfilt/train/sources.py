@@ -25,7 +25,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.shard_reader import SUCCESS, ShardReadError, expand_inputs, webdataset_rows
+from capfilt.shard_reader import (
+    SUCCESS,
+    ShardReadError,
+    expand_inputs,
+    sample_key,
+    webdataset_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,9 @@ class Source:
     @classmethod
     def parse(cls, text: str) -> Source:
         """``ROUND_DIR`` or ``ROUND_DIR@view`` for a round; anything else names shards."""
-        path, _, view = text.partition("@")
+        path, sep, view = text.rpartition("@")
+        if not sep or "/" in view:  # an '@' inside a path or URL, not a view
+            path, view = text, ""
         fs = fsspec.core.url_to_fs(path)[0]
         is_round = fs.exists(_join(path, "manifest.json"))
         if not is_round and fs.exists(_join(path, "plan.json")):
@@ -110,24 +118,31 @@ def _source_pieces(index: int, source: Source) -> list[Piece]:
             urls = expand_inputs([source.path])
         except ShardReadError as exc:
             raise TrainingDataError(str(exc)) from exc
+    tars = {url[: -len(".tar")] for url in urls if url.endswith(".tar")}
     pieces = []
     for url in urls:
         if url.endswith(".tar"):
             pieces.append(Piece(url, index, None, None, _tar_rows(url)))
-            continue
-        for group, rows in enumerate(_row_groups(url)):
-            pieces.append(Piece(url, index, source.view, group, rows))
-    return pieces
+        elif url[: -len(".parquet")] not in tars:  # not img2dataset's metadata beside a tar
+            needed = ROUND_COLUMNS if source.view else ["jpg"]
+            for group, rows in enumerate(_row_groups(url, needed)):
+                pieces.append(Piece(url, index, source.view, group, rows))
+    return [p for p in pieces if p.count]
 
 
-def _row_groups(url: str) -> list[int]:
+def _row_groups(url: str, needed: list[str]) -> list[int]:
     try:
         with fsspec.open(url, "rb") as handle:
-            meta = pq.ParquetFile(handle).metadata
+            file = pq.ParquetFile(handle)
+            meta, names = file.metadata, set(file.schema_arrow.names)
     except FileNotFoundError as exc:
         raise TrainingDataError(f"{url}: file not found") from exc
     except (pa.ArrowInvalid, OSError) as exc:
         raise TrainingDataError(f"{url}: not a readable parquet file ({exc})") from exc
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise TrainingDataError(f"{url}: no {', '.join(missing)} column (columns: "
+                                f"{', '.join(sorted(names))})")
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
@@ -145,8 +160,9 @@ def _tar_rows(url: str) -> int:
     try:
         with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for member in tar:
-                if member.isfile() and "." in member.name.rsplit("/", 1)[-1]:
-                    keys.add(member.name.split(".", 1)[0])
+                key = sample_key(member.name) if member.isfile() else None
+                if key is not None:
+                    keys.add(key)
     except (tarfile.TarError, OSError) as exc:
         raise TrainingDataError(f"{url}: not a readable tar file ({exc})") from exc
     return len(keys)
@@ -172,7 +188,25 @@ class Row:
 
 
 def read_piece(piece: Piece) -> list[Row]:
-    """The rows of a piece, in file order (``piece.count`` of them, or fewer for a short tar)."""
+    """The rows of a piece, in file order (``piece.count`` of them, or fewer for a short tar).
+
+    A piece that cannot be read (a shard deleted, truncated or corrupted after it was listed)
+    gives its rows as skipped (``unreadable_shard``), so one bad file never ends a training.
+    """
+    try:
+        rows = _read_rows(piece)
+    except (OSError, EOFError, tarfile.TarError, pa.ArrowException, ShardReadError,
+            TrainingDataError, KeyError) as exc:
+        where = piece.url if piece.group is None else f"{piece.url} row group {piece.group}"
+        log.warning("%s: unreadable, its %d rows skipped (%s)", where, piece.count, exc)
+        rows = [Row("", None, [], "unreadable_shard") for _ in range(piece.rows)]
+    rows = rows[piece.offset::piece.stride]
+    for row in rows:
+        row.source = piece.source
+    return rows
+
+
+def _read_rows(piece: Piece) -> list[Row]:
     if piece.group is None:
         with fsspec.open(piece.url, "rb") as handle:
             table, _ = webdataset_rows(piece.url, handle.read())
@@ -184,9 +218,6 @@ def read_piece(piece: Piece) -> list[Row]:
             wanted = ROUND_COLUMNS if piece.view else ["key", "jpg", "caption", "status"]
             table = file.read_row_group(piece.group, columns=[c for c in wanted if c in names])
         rows = _round_rows(table, piece.view) if piece.view else _shard_rows(table)
-    rows = rows[piece.offset::piece.stride]
-    for row in rows:
-        row.source = piece.source
     return rows
 
 
@@ -221,11 +252,12 @@ def _strings(table: pa.Table, name: str, n: int, default: str | None = None) -> 
 def round_captions(row: dict, view: str) -> list[str]:
     """The captions a round's output row offers under ``view`` (see the module docstring)."""
     if view == "kept":
-        return list(row["kept_captions"])
+        return list(row["kept_captions"] or [])
     if view == "kept_web":
-        return [c for c, s in zip(row["kept_captions"], row["kept_sources"]) if s == "web"]
+        return [c for c, s in zip(row["kept_captions"] or [], row["kept_sources"] or [])
+                if s == "web"]
     if view == "web_and_synthetic":
-        return [row["web_caption"] or ""] + list(row["synthetic_captions"])
+        return [row["web_caption"] or ""] + list(row["synthetic_captions"] or [])
     if view == "web":
         return [row["web_caption"] or ""]
     raise TrainingDataError(f"unknown view {view!r}")

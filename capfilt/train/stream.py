@@ -6,7 +6,9 @@ slots in turn, so each rank reads only its own part of the data. A slot's rows i
 cut into windows of ``buffer`` rows; each window is read whole and shuffled (a bounded shuffle:
 a window's rows are the only ones held). When a slot's pieces are exhausted it goes on into the
 next epoch, so every slot yields rows forever and every rank takes the same number of rows per
-step whatever the sizes of its pieces; the training loop decides when to stop.
+step whatever the sizes of its pieces; the training loop decides when to stop. A slot holds its
+window's rows not yet handed out and the last piece it read (windows cross piece boundaries):
+about ``buffer`` + one row group of encoded images (a whole tar, for webdataset input).
 
 A slot's place is a ``Position`` (epoch, window, offset into the shuffled window). A batch
 carries the position after its last row; a checkpoint stores every slot's, and a resumed slot
@@ -93,17 +95,19 @@ class SlotStream:
                 window, offset = window + 1, 0
             epoch, window, offset = epoch + 1, 0, 0
 
-    def _window_rows(self, pieces: list[Piece], start: int, stop: int) -> list[Row | None]:
+    def _window_rows(self, pieces: list[Piece], start: int, stop: int) -> list[Row]:
         """Rows ``start:stop`` of the slot's epoch, by the metadata's counts; a row the file
-        turns out not to have (a tar shorter than its metadata says) is None."""
-        out: list[Row | None] = []
+        turns out not to have (a tar shorter than its metadata says) is skipped as
+        ``missing_row``."""
+        out: list[Row] = []
         first = 0
         for piece in pieces:
             last = first + piece.count
             if last > start and first < stop:
                 rows = self._read(piece)
                 for n in range(max(start, first) - first, min(stop, last) - first):
-                    out.append(rows[n] if n < len(rows) else None)
+                    out.append(rows[n] if n < len(rows)
+                               else Row("", None, [], "missing_row", piece.source))
             first = last
             if first >= stop:
                 break
