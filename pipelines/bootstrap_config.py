@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from capfilt.models import DTYPES
+from capfilt.train.build import check_queue_size
 from capfilt.train.loop import TrainConfig
 from pipelines.train import uneven_shares
 
@@ -104,6 +105,11 @@ class BootstrapConfig:
             uneven = uneven_shares(step.config.batch_size, step.workers)
             if uneven:
                 raise BootstrapConfigError(f"[{name}] {uneven}")
+            if name != "finetune_captioner" and step.config.momentum:  # ITC's queue
+                try:
+                    check_queue_size(step.config.queue_size, step.config.batch_size)
+                except ValueError as exc:
+                    raise BootstrapConfigError(f"[{name}] {exc}") from exc
         if self.parallel > 1:
             for name, step in steps.items():
                 if step.device != "cpu" or step.workers != 1:

@@ -131,6 +131,7 @@ def train_job(args):
 
 
 def command_train(args) -> int:
+    from capfilt.train.progress import NOT_LOSSES
     from pipelines.train import run_training
 
     job = train_job(args)
@@ -139,7 +140,7 @@ def command_train(args) -> int:
         return 0
     manifest = run_training(job)
     last = manifest.results["last"] or {}
-    losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in ("step", "lr", "images_per_s"))
+    losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in NOT_LOSSES)
     print(f"{manifest.kind}: {manifest.results['steps']} steps, {manifest.results['epochs']} "
           f"epochs of {manifest.results['rows']} rows; last losses {losses}; "
           f"{manifest.timings['wall_seconds']:.0f}s")

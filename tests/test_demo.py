@@ -117,7 +117,7 @@ def test_bootstrap_config_mistakes_are_named(tmp_path):
         load_bootstrap_config(path)
 
 
-def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16():
+def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16_and_train_as_blip(tmp_path):
     models = {"captioner": "c", "filter": "f"}
     for name in ("blip-base-paper", "blip2-ranking"):
         config = load_bootstrap_config(Path(__file__).parents[1] / "pipelines" / "bootstraps"
@@ -125,3 +125,15 @@ def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16():
         stage = round_stage(config, models)
         assert (stage.dtype, stage.device) == ("bfloat16", "cuda")
         assert stage.sampling.num_captions == config.round.num_captions
+        # BLIP's pre-training at the paper's batch: momentum, the whole queue, 8 workers each
+        # streaming with its own decoding processes; the filter's negatives from every rank.
+        pre, filt = config.pretrain, config.finetune_filter
+        assert (pre.config.momentum, pre.config.queue_size, pre.config.batch_size) == (
+            True, 57600, 2880)
+        assert pre.workers == 8 and pre.config.loader_workers == 6
+        assert filt.config.negative_all_rank and filt.config.queue_size % 256 == 0
+    path = tmp_path / "odd.toml"
+    path.write_text((Path(__file__).parents[1] / "pipelines" / "bootstraps"
+                     / "blip-base-paper.toml").read_text().replace("batch_size = 2880", "batch_size = 2888"))
+    with pytest.raises(BootstrapConfigError, match=r"\[pretrain\] queue_size 57600 is not a multiple"):
+        load_bootstrap_config(path)

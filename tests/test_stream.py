@@ -278,3 +278,24 @@ def test_a_tar_without_metadata_is_counted_as_its_samples_are_grouped(tmp_path):
     assert [p.count for p in pieces] == [3]
     assert sorted(r.captions[0] for r in read_piece(pieces[0])) == [
         "caption 0", "caption 1", "caption 2"]
+
+
+def test_unaugmented_pixels_kept_decoded_are_the_ones_decoding_gives(shards):
+    from dataclasses import replace
+
+    from capfilt.train.loader import DecodedPixels, make_sample
+
+    pieces = list_pieces([Source.parse(str(shards / "00000.parquet"))])  # 40 rows
+    plain = spec_for(pieces, batch=10, buffer=16, augment="none")
+    kept = replace(plain, cache_mib=1)
+    a = take(slot_batches(plain, pieces, 0, 1, Position()), 8)  # two epochs
+    b = take(slot_batches(kept, pieces, 0, 1, Position()), 8)
+    for x, y in zip(a, b):
+        assert x.texts == y.texts and torch.equal(x.pixels, y.pixels)
+    # Bounded: room for 3 pictures holds 3, and a fourth is decoded, not kept.
+    one = 3 * 32 * 32
+    decoded = DecodedPixels(3 * one / 2**20)
+    stream = SlotStream(pieces, 0, 1, 0, 16, read_piece)
+    for row, place, _ in take(stream.rows(), 5):
+        make_sample(row, place, plain, 0, decoded)
+    assert len(decoded.pixels) == 3

@@ -17,6 +17,7 @@ GPU, a quarter of the bytes cross the bus).
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class StreamSpec:
     augment: str = "blip"
     buffer: int = 512
     loader_workers: int = 2
+    cache_mib: float = 0  # decoded pixels each reader keeps when there is no augmentation
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
@@ -108,8 +110,9 @@ def slot_batches(spec: StreamSpec, pieces: list[Piece], slot: int, slots: int,
     # A run of unusable rows longer than the whole set means this reader would never fill a
     # batch again (every row it is dealt fails): say so rather than spin.
     limit, unusable = sum(p.count for p in pieces), 0
+    decoded = DecodedPixels(spec.cache_mib if spec.augment == "none" else 0)
     for row, place, after in stream.rows(start):
-        sample = make_sample(row, place, spec, slot)
+        sample = make_sample(row, place, spec, slot, decoded)
         if isinstance(sample, str):
             skipped[(row.source, sample)] += 1
             unusable += 1
@@ -126,23 +129,46 @@ def slot_batches(spec: StreamSpec, pieces: list[Piece], slot: int, slots: int,
             pixels, texts, skipped = [], [], Counter()
 
 
-def make_sample(row: Row, place: Place, spec: StreamSpec,
-                slot: int) -> tuple[torch.Tensor, str] | str:
+class DecodedPixels:
+    """A reader's decoded pixels of rows it has seen, up to ``mib``: without augmentation a
+    row's pixels are the same in every epoch (decoding was a quarter of a demo captioner step).
+    Bounded, so a large set fills it and then decodes as usual."""
+
+    def __init__(self, mib: float):
+        self.left = int(mib * 2**20)
+        self.pixels: dict[tuple, torch.Tensor] = {}
+
+    def get(self, row: Row) -> torch.Tensor | None:
+        return self.pixels.get(row.place)
+
+    def put(self, row: Row, pixels: torch.Tensor) -> None:
+        size = pixels.numel() * pixels.element_size()
+        if row.place and size <= self.left:
+            self.pixels[row.place] = pixels
+            self.left -= size
+
+
+def make_sample(row: Row, place: Place, spec: StreamSpec, slot: int,
+                decoded: DecodedPixels | None = None) -> tuple[torch.Tensor, str] | str:
     """(uint8 pixels, one caption) for a row, or the reason it is skipped."""
     if row.skip:
         return row.skip
     captions = [c for c in row.captions if c and c.strip()]
     if not captions:
         return "no_caption"
-    try:
-        image = decode_image(row.image)
-    except ImageRejected as exc:
-        return exc.reason
     rng = seeded(spec.seed, "row", place.epoch, slot, place.window, place.index)
-    text = rng.choice(captions)
-    if spec.augment == "blip":
-        image = random_resized_crop(image, rng)
-    return spec.transform.resize(image), text
+    pixels = decoded.get(row) if decoded else None
+    if pixels is None:
+        try:
+            image = decode_image(row.image)
+        except ImageRejected as exc:
+            return exc.reason
+        if spec.augment == "blip":
+            image = random_resized_crop(image, rng)
+        pixels = spec.transform.resize(image)
+        if decoded:
+            decoded.put(row, pixels)
+    return pixels, rng.choice(captions)
 
 
 def random_resized_crop(image: Image.Image, rng) -> Image.Image:
@@ -180,5 +206,15 @@ def rank_loader(spec: StreamSpec, rank: int, world: int, done_steps: int,
     dataset = RankStream(spec, rank, world, positions, first=done_steps % spec.per_rank)
     workers = spec.loader_workers
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if workers else None,
-                      persistent_workers=False)
+                      prefetch_factor=2 if workers else None, persistent_workers=False,
+                      worker_init_fn=yield_to_the_step if workers else None)
+
+
+# Niceness of the decoding processes. Where cores are short (a CPU machine), the step's threads
+# come first and decoding fills the gaps between them; where cores are free (a GPU machine's
+# host), it changes nothing.
+LOADER_NICENESS = 10
+
+
+def yield_to_the_step(worker_id: int) -> None:
+    os.nice(LOADER_NICENESS)

@@ -8,6 +8,7 @@ import sys
 import time
 
 log = logging.getLogger(__name__)
+NOT_LOSSES = ("step", "lr", "images_per_s", "epoch", "data_wait")
 
 
 def job_label(output: str) -> str:
@@ -37,10 +38,12 @@ class TrainProgress:
         if self.first is None:
             self.first = (step, now)
         rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)
-        losses = " ".join(f"{k} {v:.3f}" for k, v in record.items()
-                          if k not in ("step", "lr", "images_per_s"))
+        losses = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in NOT_LOSSES)
         line = (f"{self.name} step {step}/{self.steps} | {losses} | lr {record['lr']:.2e} | "
                 f"{record['images_per_s']:.1f} images/s")
+        if "epoch" in record:
+            line += (f" | epoch {record['epoch']:.2f} | waiting for data "
+                     f"{100 * record['data_wait']:.0f}%")
         if step < self.steps and rate > 0:
             line += f" | about {(self.steps - step) / rate:.0f}s left"
         log.info("%s", line)

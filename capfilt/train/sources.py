@@ -185,6 +185,7 @@ class Row:
     captions: list[str]
     skip: str | None = None
     source: int = -1  # index of the job's source it came from
+    place: tuple = ()  # (file, row group, row): the same row in every epoch
 
 
 def read_piece(piece: Piece) -> list[Row]:
@@ -201,8 +202,9 @@ def read_piece(piece: Piece) -> list[Row]:
         log.warning("%s: unreadable, its %d rows skipped (%s)", where, piece.count, exc)
         rows = [Row("", None, [], "unreadable_shard") for _ in range(piece.rows)]
     rows = rows[piece.offset::piece.stride]
-    for row in rows:
+    for n, row in enumerate(rows):
         row.source = piece.source
+        row.place = (piece.url, piece.group, piece.offset + n * piece.stride)
     return rows
 
 
