@@ -54,9 +54,11 @@ NEGATIVE_MIX = 0.5
 # demo's 300-step pre-training, and its 57,600-feature queue would hold seven times the demo's
 # 8,000 images: the demo trains ITC within the batch, as BLIP with momentum off does.
 MOMENTUM = "false"
-# The demo's 48 px JPEGs decode in about a tenth of a millisecond: one decoding process per
-# training is plenty, and three trainings side by side share two cores.
-LOADER_WORKERS = 1
+# The demo's rows are read and tokenised in the training process itself: on two cores a
+# decoding process took its CPU from the step's threads (the captioner's fine-tune ran 10%
+# slower with one than with none, in one run of each), and its 48 px pictures, decoded once
+# and kept, leave the process little to overlap.
+LOADER_WORKERS = 0
 
 
 def write_demo(output: Path, quick: bool, seed: int) -> Path:

@@ -218,3 +218,5 @@ LOADER_NICENESS = 10
 
 def yield_to_the_step(worker_id: int) -> None:
     os.nice(LOADER_NICENESS)
+    # One thread of tokenising per process: the processes are the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
