@@ -2,10 +2,13 @@
 what a job costs as its data grows.
 
 Prints, in one run on one machine:
-  1. efficiency: pre-training images/s (the demo's model, BLIP's augmentation, momentum encoders
-     and queue) with batches streamed from parquet shards by the loader's processes, over the
+  1. efficiency: pre-training images/s (BLIP's augmentation, momentum encoders and queue) with
+     batches streamed from parquet shards of 320x240 JPEGs by the loader's processes, over the
      same steps on the same batches made beforehand and held in memory; repeated in turn,
-     ratios within a repeat, the median reported;
+     ratios within a repeat, the median reported (after 2 warm-up steps in both; the first
+     step's seconds reported apart); for the small BLIP of cpu_pipeline.py
+     (ViT-S/16 at 224 px) and for the demo's tiny model (48 px), whose step costs less than
+     decoding its images;
   2. scaling: ``capfilt pretrain`` for 12 steps in a fresh process on 1x, 4x, 10x and 16x the
      base number of pictures of about 220 KiB (640 x 480 photo-like JPEGs): the peak memory of
      the whole process tree (the sum of the processes' PSS, so pages shared after fork count
@@ -37,6 +40,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from capfilt.sample_shards import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.train.build import build_task  # noqa: E402
@@ -45,10 +49,15 @@ from capfilt.train.loop import TrainConfig, train_step  # noqa: E402
 from capfilt.train.run import RankJob, stream_spec  # noqa: E402
 from capfilt.train.sources import Source, list_pieces  # noqa: E402
 from capfilt.world.models import write_world_models  # noqa: E402
+from cpu_pipeline import small_models  # noqa: E402
 
 ROWS_PER_SHARD = 500
 POOL = 24  # distinct pictures; each row gets its own bytes (a trailer after the JPEG's end)
 MODEL = {"image_size": 48, "hidden": 96, "layers": 2, "patch": 16}  # the demo's
+MODELS = {"demo": "the demo's (48 px, 96 wide, 2 layers)",
+          "small": "bench/cpu_pipeline.py's small BLIP (ViT-S/16 at 224 px, 4-layer text side)"}
+EFFICIENCY = {"demo": (32, 30), "small": (16, 10)}  # batch, steps
+WARMUP = 2  # steps before the clock starts, in both runs
 
 
 def photo(seed: int, width: int, height: int, quality: int) -> bytes:
@@ -81,46 +90,51 @@ def write_data(folder: Path, images: int, width: int, height: int, quality: int)
     return sum(sizes) / len(sizes) / 1024
 
 
-def efficiency(work: Path, args) -> dict:
+def efficiency(work: Path, args, model: str) -> dict:
     data = work / "efficiency-data"
-    kib = write_data(data, args.images, 320, 240, 88)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-4,
-                         loader_workers=args.loader_workers, queue_size=args.batch_size * 64)
-    job = RankJob(task="pretrain", init=f"scratch:{work / 'blank'}", data=(str(data),),
+    batch, steps = EFFICIENCY[model]
+    config = TrainConfig(steps=steps, batch_size=batch, lr=1e-4,
+                         loader_workers=args.loader_workers, queue_size=batch * 64)
+    job = RankJob(task="pretrain", init=f"scratch:{work / model}", data=(str(data),),
                   output=str(work / "unused"), config=config)
     built = build_task(job.task, job.init, config=config)
     initial = {k: v.clone() for k, v in built.task.state_dict().items()}
     pieces = list_pieces([Source.parse(str(data))])
     spec = stream_spec(job, built, pieces, world=1)
     loader = iter(rank_loader(spec, 0, 1, 0, None))
-    prepared = [next(loader) for _ in range(args.steps)]
+    prepared = [next(loader) for _ in range(steps)]
     del loader
 
     def run(batches) -> tuple[float, float]:
+        """Images/s after WARMUP steps, and the seconds to the end of the first step. The first
+        steps after a loader starts pay for its processes' start and, in this process, a
+        copy-on-write fault for every page of its memory it writes again after the fork."""
         built.task.load_state_dict(initial)
         optimizer = torch.optim.AdamW(built.task.parameters(), lr=config.lr)
-        began, first = time.perf_counter(), None
-        for step in range(args.steps):
-            batch = next(batches)
-            if first is None:
-                first = time.perf_counter()
-            train_step(built.task, optimizer, batch, spec.transform, "cpu", None,
+        began = time.perf_counter()
+        for step in range(steps):
+            if step == WARMUP:
+                warm = time.perf_counter()
+            train_step(built.task, optimizer, next(batches), spec.transform, "cpu", None,
                        torch.Generator().manual_seed(step), progress=0.0)
-        # The first step waits for the loader to start: images/s from it on.
-        return (args.steps - 1) * args.batch_size / (time.perf_counter() - first), first - began
+            if step == 0:
+                first = time.perf_counter() - began
+        return (steps - WARMUP) * batch / (time.perf_counter() - warm), first
 
     repeats = []
     for _ in range(args.repeats):
-        memory_rate, _ = run(iter(prepared))
+        memory_rate, memory_first = run(iter(prepared))
         stream_rate, first = run(iter(rank_loader(spec, 0, 1, 0, None)))
         repeats.append({"in_memory_images_per_s": round(memory_rate, 2),
                         "streamed_images_per_s": round(stream_rate, 2),
                         "efficiency": round(stream_rate / memory_rate, 3),
-                        "streamed_first_batch_seconds": round(first, 3)})
+                        "in_memory_first_step_seconds": round(memory_first, 2),
+                        "streamed_first_step_seconds": round(first, 2)})
         print(f"  in memory {memory_rate:.1f} images/s, streamed {stream_rate:.1f} images/s "
-              f"({stream_rate / memory_rate:.3f}); first batch after {first:.2f}s", flush=True)
-    return {"images": args.images, "image_kib": round(kib, 1), "steps": args.steps,
-            "batch_size": args.batch_size, "loader_workers": args.loader_workers,
+              f"({stream_rate / memory_rate:.3f}); first step {memory_first:.2f}s in memory, "
+              f"{first:.2f}s streamed", flush=True)
+    return {"model": MODELS[model], "images": args.images,
+            "steps": steps, "batch_size": batch, "loader_workers": args.loader_workers,
             "repeats": repeats,
             "median_efficiency": statistics.median(r["efficiency"] for r in repeats)}
 
@@ -143,7 +157,7 @@ def tree_pss_mib(pid: int) -> float:
 def pretrain_run(work: Path, data: Path, name: str, args) -> dict:
     out = work / f"run-{name}"
     command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--init",
-               f"scratch:{work / 'blank'}", "--data", str(data), "--output", str(out),
+               f"scratch:{work / 'demo'}", "--data", str(data), "--output", str(out),
                "--steps", "12", "--batch-size", str(args.batch_size), "--lr", "1e-4",
                "--log-every", "12", "--loader-workers", str(args.loader_workers)]
     began = time.perf_counter()
@@ -194,12 +208,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--images", type=int, default=1024, help="efficiency's data set")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="scaling's")
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base", type=int, default=400, help="scaling's 1x, in pictures")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
@@ -210,9 +224,13 @@ def main() -> None:
                "model": MODEL}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_world_models(work / "blank", seed=0, **MODEL)
-        print("1. streamed against in memory", flush=True)
-        figures["efficiency"] = efficiency(work, args)
+        write_world_models(work / "demo", seed=0, **MODEL)
+        small_models(work / "small")
+        kib = write_data(work / "efficiency-data", args.images, 320, 240, 88)
+        figures["efficiency"] = {"data": f"{args.images} JPEGs of 320x240, {kib:.1f} KiB"}
+        for model in args.models:
+            print(f"1. streamed against in memory, {MODELS[model]}", flush=True)
+            figures["efficiency"][model] = efficiency(work, args, model)
         if not args.skip_scaling:
             print("2. 12 steps as the data grows", flush=True)
             figures["scaling"] = scaling(work, args)

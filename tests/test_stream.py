@@ -299,3 +299,22 @@ def test_unaugmented_pixels_kept_decoded_are_the_ones_decoding_gives(shards):
     for row, place, _ in take(stream.rows(), 5):
         make_sample(row, place, plain, 0, decoded)
     assert len(decoded.pixels) == 3
+
+
+def test_large_jpegs_decode_scaled_down_to_what_the_model_needs():
+    """A 640x480 photo for a 32 px model is decoded at 1/4 by libjpeg: the pixels the model gets
+    stay within a few levels of a full decode followed by the same resize."""
+    import numpy as np
+
+    from capfilt.images import decode_image
+
+    y, x = np.mgrid[0:480, 0:640]
+    pixels = np.stack([x * 255 // 640, y * 255 // 480, (x + y) * 255 // 1120], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=92)
+    spec = spec_for([])
+    small = decode_image(buffer.getvalue(), at_least=spec.decode_at_least)
+    assert small.size == (160, 120) and spec.decode_at_least == (64, 64)  # 1/4: 1/8 is < 64
+    full = decode_image(buffer.getvalue())
+    got, want = spec.transform.resize(small), spec.transform.resize(full)
+    assert (got.int() - want.int()).abs().float().mean() < 2.0

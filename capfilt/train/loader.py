@@ -76,6 +76,13 @@ class StreamSpec:
             raise ValueError(f"augment {self.augment!r}: use one of {', '.join(AUGMENTATIONS)}")
 
     @property
+    def decode_at_least(self) -> tuple[int, int]:
+        """The smallest decoded size that still gives the model full-resolution pixels: a crop
+        keeps at least half the area (0.6 of a side), so twice the model's longer side."""
+        side = 2 * max(self.transform.height, self.transform.width)
+        return side, side
+
+    @property
     def per_rank(self) -> int:
         """Slots per rank: one in-process reader when ``loader_workers`` is 0."""
         return max(1, self.loader_workers)
@@ -160,7 +167,7 @@ def make_sample(row: Row, place: Place, spec: StreamSpec, slot: int,
     pixels = decoded.get(row) if decoded else None
     if pixels is None:
         try:
-            image = decode_image(row.image)
+            image = decode_image(row.image, at_least=spec.decode_at_least)
         except ImageRejected as exc:
             return exc.reason
         if spec.augment == "blip":
