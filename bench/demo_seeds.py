@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 METRICS = ("i2t_r1", "t2i_r1", "bleu4", "caption_accuracy", "noise_ratio")
@@ -61,6 +64,12 @@ def main() -> None:
     args = parser.parse_args()
     runs = [json.loads((Path(f) / "demo.json").read_text()) for f in args.folders]
     summary = summarise(runs)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    summary = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
+               "machine": f"{os.cpu_count()} cores, "
+                          f"{'AVX-512' if 'avx512f' in flags else 'AVX2'}", **summary}
     text = markdown(summary)
     print(text, end="")
     if args.out:

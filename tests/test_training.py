@@ -329,3 +329,32 @@ def test_itc_across_two_ranks_is_itc_over_the_whole_batch(tmp_path):
         assert torch.allclose(part["image_grad"], 2 * image.grad[rows], atol=1e-6)
         assert torch.allclose(part["text_grad"], 2 * text.grad[rows], atol=1e-6)
         assert torch.allclose(part["sim"], sim[rows, rows].detach(), atol=1e-6)
+
+
+def test_bf16_autocast_where_asked_and_by_default_on_cuda(blank, squares):
+    from capfilt.train.build import build_task
+    from capfilt.train.loader import rank_loader
+    from capfilt.train.loop import autocast_dtype, train_step
+    from capfilt.train.run import RankJob, stream_spec
+    from capfilt.train.sources import Source, list_pieces
+
+    assert autocast_dtype(TrainConfig(steps=1, precision="auto"), "cuda") == torch.bfloat16
+    assert autocast_dtype(TrainConfig(steps=1, precision="auto"), "cpu") is None
+    assert autocast_dtype(TrainConfig(steps=1, precision="fp32"), "cuda") is None
+    config = TrainConfig(steps=1, batch_size=16, precision="bf16", queue_size=32,
+                         loader_workers=0)
+    rank_job = RankJob("pretrain", f"scratch:{blank}", (str(squares),), "unused", config)
+    built = build_task("pretrain", rank_job.init, config=config)
+    spec = stream_spec(rank_job, built, list_pieces([Source(str(squares))]), world=1)
+    batch = next(iter(rank_loader(spec, 0, 1, 0, None)))
+    seen = []
+    layer = built.task.pair.filter.vision_proj
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    optimizer = torch.optim.AdamW(built.task.parameters())
+    for dtype in (autocast_dtype(config, "cpu"), None):
+        losses = train_step(built.task, optimizer, batch, spec.transform, "cpu", dtype,
+                            torch.Generator().manual_seed(0), progress=0.0)
+        assert all(torch.isfinite(v) for v in losses.values())
+    # The projection ran in bf16 under autocast, in float32 without; weights stay float32.
+    assert seen == [torch.bfloat16, torch.float32]
+    assert layer.weight.dtype == torch.float32
