@@ -87,18 +87,22 @@ def full_config(size: str) -> transformers.BlipConfig:
                                    projection_dim=256, image_text_hidden_size=256)
 
 
+def full_processor(folder: Path, side: int) -> transformers.BlipProcessor:
+    """BLIP's processor at ``side`` px with BERT's id layout (vocabulary written to folder)."""
+    (folder / "vocab").mkdir(parents=True, exist_ok=True)
+    (folder / "vocab" / "vocab.txt").write_text("\n".join(blip_vocabulary()) + "\n")
+    tokenizer = transformers.BertTokenizer.from_pretrained(folder / "vocab")
+    image_processor = transformers.BlipImageProcessor(size={"height": side, "width": side})
+    return transformers.BlipProcessor(image_processor, tokenizer)
+
+
 def write_models(folder: Path, size: str, smoke: bool, device: str) -> dict[str, str]:
     """Random captioner and filter saved as checkpoints, so they load through ``load_model``."""
     if smoke:
         processor = tiny_processor(32)
         config = tiny_config(len(processor.tokenizer), layers=2 if size == "base" else 3)
     else:
-        (folder / "vocab").mkdir(parents=True, exist_ok=True)
-        (folder / "vocab" / "vocab.txt").write_text("\n".join(blip_vocabulary()) + "\n")
-        tokenizer = transformers.BertTokenizer.from_pretrained(folder / "vocab")
-        image_processor = transformers.BlipImageProcessor(size={"height": IMAGE_SIDE,
-                                                                "width": IMAGE_SIDE})
-        processor = transformers.BlipProcessor(image_processor, tokenizer)
+        processor = full_processor(folder, IMAGE_SIDE)
         config = full_config(size)
     paths = {}
     for role, cls in (("captioner", transformers.BlipForConditionalGeneration),

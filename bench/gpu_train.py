@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_pipeline import blip_vocabulary, full_config, photo  # noqa: E402
+from gpu_pipeline import full_config, full_processor, photo  # noqa: E402
 
 from capfilt.sample_shards import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.tiny import WORDS, tiny_config, tiny_processor  # noqa: E402
@@ -50,12 +50,7 @@ def write_blank(folder: Path, smoke: bool) -> str:
         processor = tiny_processor(32)
         config = tiny_config(len(processor.tokenizer), layers=2)
     else:
-        (folder / "vocab").mkdir(parents=True, exist_ok=True)
-        (folder / "vocab" / "vocab.txt").write_text("\n".join(blip_vocabulary()) + "\n")
-        tokenizer = transformers.BertTokenizer.from_pretrained(folder / "vocab")
-        image_processor = transformers.BlipImageProcessor(size={"height": IMAGE_SIDE,
-                                                                "width": IMAGE_SIDE})
-        processor = transformers.BlipProcessor(image_processor, tokenizer)
+        processor = full_processor(folder, IMAGE_SIDE)
         config = full_config("base")
         config.vision_config.image_size = IMAGE_SIDE
     config.save_pretrained(folder / "blank" / "filter")

@@ -63,6 +63,18 @@ def make_stage(loaded, sampling=SamplingConfig(), policy=Policy(), seed=0) -> Ca
 
 
 @pytest.fixture(scope="session")
+def blank(tmp_path_factory):
+    """A tiny BLIP config + processor folder to train from scratch (weights there are not read)."""
+    from capfilt.tiny import save_random_models, tiny_config, tiny_processor
+
+    folder = tmp_path_factory.mktemp("blank")
+    processor = tiny_processor(32)
+    save_random_models(folder, tiny_config(len(processor.tokenizer), hidden=32,
+                                           init_std=32 ** -0.5), processor)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for every test that needs it (starting Ray costs seconds)."""
     import ray

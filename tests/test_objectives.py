@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch.utils.checkpoint import set_checkpoint_early_stop
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.tiny import save_random_models, tiny_config, tiny_processor
+from capfilt.tiny import tiny_processor
 from capfilt.train import tasks as tasks_module
 from capfilt.train.build import build_task
 from capfilt.train.loop import TrainConfig
@@ -43,16 +43,6 @@ STEP_TEXTS = [
     ["a blue circle", "a plate of food", "a big window", "people on the street"],
     ["a small table", "a yellow triangle", "a cat", "the sky over water"],
 ]
-
-
-@pytest.fixture(scope="module")
-def blank(tmp_path_factory) -> Path:
-    """A config + processor folder to start from (weights there are not read)."""
-    folder = tmp_path_factory.mktemp("blank")
-    processor = tiny_processor(32)
-    save_random_models(folder, tiny_config(len(processor.tokenizer), hidden=32,
-                                           init_std=32 ** -0.5), processor)
-    return folder
 
 
 def train_config(**overrides) -> TrainConfig:

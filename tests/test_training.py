@@ -25,7 +25,7 @@ from transformers import (
 
 from capfilt.bleu import corpus_bleu
 from capfilt.sample_shards import COLOURS, IMG2DATASET_SCHEMA
-from capfilt.tiny import save_random_models, tiny_config, tiny_processor
+from capfilt.tiny import tiny_config, tiny_processor
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.checkpoints import list_checkpoints, load_checkpoint
 from capfilt.train.loop import TrainConfig
@@ -61,16 +61,6 @@ def squares(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("squares")
     pq.write_table(pa.Table.from_pylist(square_rows(), schema=IMG2DATASET_SCHEMA),
                    folder / "00000.parquet")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def blank(tmp_path_factory) -> Path:
-    """A config + processor folder to start from (weights there are not read)."""
-    folder = tmp_path_factory.mktemp("blank")
-    processor = tiny_processor(32)
-    save_random_models(folder, tiny_config(len(processor.tokenizer), hidden=32,
-                                           init_std=32 ** -0.5), processor)
     return folder
 
 
