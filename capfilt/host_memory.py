@@ -11,7 +11,7 @@ falling between batches. Blocks above 32 MiB (glibc's largest mmap threshold; BL
 captions make several) are mapped and unmapped whatever the threshold, so mapping is turned
 off: they come from the heap too, and stay. On the benchmark's ten-caption batches that took
 faults from 63,000-144,000 to under 3,000 per batch, for up to 8% more peak memory
-(bench/README.md, session 12).
+(bench/README.md, "the actor's slowdown was page faults").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A ViT's patch embedding (a convolution whose stride is its kernel) as one matrix product.
 
 On an H100 cuDNN ran BLIP-base's patch embedding at 1,024 images of 384 px in 21 ms per
-tower (bench/results/gpu-nvidia-h100-80gb-hbm3-s5-profile.txt): 33 TFLOP/s, against several
-hundred for a matrix product of the same work. The patches do not overlap, so the
+tower (bench/results/gpu-nvidia-h100-80gb-hbm3-2026-11-27-profile.txt): 33 TFLOP/s, against
+several hundred for a matrix product of the same work. The patches do not overlap, so the
 convolution is a reshape of the pixels and a product with the flattened kernel. Same weights,
 same output shape; equal to the convolution within rounding (``tests/test_patch_embedding.py``).
 """

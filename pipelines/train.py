@@ -103,7 +103,8 @@ def run_training(job: TrainJob) -> JobManifest:
     created, started = now(), time.perf_counter()
     sources = [Source.parse(text) for text in job.data]
     # Footers only: the data is counted, never read, here; each rank streams its own part.
-    counts = source_rows(list_pieces(sources), sources)
+    pieces = list_pieces(sources)
+    counts = source_rows(pieces, sources)
     log.info("%s: %d rows in %s", job.task, sum(c["rows"] for c in counts),
              ", ".join(map(str, sources)))
     if job.workers > 1:
@@ -119,7 +120,7 @@ def run_training(job: TrainJob) -> JobManifest:
         history, first_step, resumes = state["history"], None, state["resumes"]
         skipped = Counter({(src, reason): n for src, reason, n in state["skipped"]})
     else:
-        built, result = run_rank(job.rank_job(), device=job.device,
+        built, result = run_rank(job.rank_job(), device=job.device, pieces=pieces,
                                  on_log=TrainProgress(job_label(job.output), job.config.steps))
         history, resumes, first_step = result.history, result.resumes, result.first_step_seconds
         skipped = result.skipped

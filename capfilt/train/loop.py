@@ -91,7 +91,6 @@ class TrainResult:
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # from the start to the first batch in hand
     skipped: Counter = field(default_factory=Counter)  # (source index, reason) -> rows
-    positions: dict[int, Position] = field(default_factory=dict)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -209,11 +208,11 @@ def train(task: nn.Module, stream: StreamSpec, config: TrainConfig, checkpoints:
                     "positions": [[slot, p.to_list()] for slot, p in sorted(every_position.items())],
                     "skipped": [[src, reason, n] for (src, reason), n in sorted(every_skip.items())],
                 })
-    every_position, every_skip = _gather(positions, skipped, world)
+    _, every_skip = _gather(positions, skipped, world)
     del batches, loader
     return TrainResult(steps=config.steps, resumes=resumes, history=history,
                        seconds=time.monotonic() - began, first_step_seconds=first_step or 0.0,
-                       skipped=every_skip, positions=every_position)
+                       skipped=every_skip)
 
 
 def data_fingerprint(stream: StreamSpec) -> str:

@@ -49,14 +49,17 @@ def stream_spec(job: RankJob, built: BuiltTask, pieces: list[Piece], world: int)
 
 def run_rank(job: RankJob, rank: int = 0, world: int = 1, device: str = "cpu",
              wrap: Callable[[nn.Module], nn.Module] | None = None,
-             on_log: Callable[[dict], None] | None = None) -> tuple[BuiltTask, TrainResult]:
-    """Train ``job`` as rank ``rank`` of ``world``; ``wrap`` makes the DDP model (Ray Train)."""
+             on_log: Callable[[dict], None] | None = None,
+             pieces: list[Piece] | None = None) -> tuple[BuiltTask, TrainResult]:
+    """Train ``job`` as rank ``rank`` of ``world``; ``wrap`` makes the DDP model (Ray Train);
+    ``pieces``: the data as already listed (else listed here, from footers)."""
     built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix,
                        config=job.config)
     built.task.to(device)
     model = wrap(built.task) if wrap else built.task
     device = str(next(built.task.parameters()).device)
-    pieces = list_pieces([Source.parse(text) for text in job.data])
+    if pieces is None:
+        pieces = list_pieces([Source.parse(text) for text in job.data])
     rows = sum(p.count for p in pieces)
     result = train(built.task, stream_spec(job, built, pieces, world), job.config,
                    Path(job.output) / "checkpoints", rows=rows, model=model, rank=rank,

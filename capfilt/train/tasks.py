@@ -106,7 +106,8 @@ def _captioning(captioner: BlipForConditionalGeneration, image_embeds, ids, mask
 
 
 class _ContrastiveMatching(nn.Module):
-    """ITC and ITM on a ``BlipForImageTextRetrieval``, shared by the pretrain and filter tasks.
+    """ITC and ITM on a ``BlipForImageTextRetrieval``, shared by the pretrain and filter tasks:
+    a subclass gives ``filter`` (the online model) and ``temp`` (ITC's temperature).
 
     ``recipe`` picks where ITM's negatives come from with momentum on: "pretrain"
     (blip_pretrain.py) draws from the ITC similarities of online features against the
@@ -132,9 +133,6 @@ class _ContrastiveMatching(nn.Module):
                                           objectives.seed, with_ids=queue_ids)
                          if objectives.momentum else None)
 
-    def _online(self) -> tuple[BlipForImageTextRetrieval, nn.Parameter]:
-        raise NotImplementedError
-
     def alpha_at(self, progress: float) -> float:
         """The distillation weight after ``progress`` epochs (0 with momentum off)."""
         if self.momentum is None:
@@ -143,7 +141,7 @@ class _ContrastiveMatching(nn.Module):
 
     def _itc_itm(self, pixel_values, image_embeds, input_ids, attention_mask, texts,
                  generator, progress: float) -> dict[str, torch.Tensor]:
-        model, temp = self._online()
+        model, temp = self.filter, self.temp
         device = input_ids.device
         with torch.no_grad():
             temp.clamp_(*TEMP_RANGE)
@@ -239,8 +237,14 @@ class PretrainTask(_ContrastiveMatching):
         self.pair = pair
         self._setup(processor, pair.filter, objectives, negative_mix, queue_ids=False)
 
-    def _online(self):
-        return self.pair.filter, self.pair.temp
+    @property
+    def filter(self) -> BlipForImageTextRetrieval:
+        """The online ITC/ITM model (the pair's filter half)."""
+        return self.pair.filter
+
+    @property
+    def temp(self) -> nn.Parameter:
+        return self.pair.temp
 
     def online_models(self) -> tuple[nn.Module, ...]:
         return self.pair.filter, self.pair.captioner
@@ -308,9 +312,6 @@ class FilterTask(_ContrastiveMatching):
         self.filter = filter_model
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         self._setup(processor, filter_model, objectives, negative_mix, queue_ids=True)
-
-    def _online(self):
-        return self.filter, self.temp
 
     def online_models(self) -> tuple[nn.Module, ...]:
         return (self.filter,)
