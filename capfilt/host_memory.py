@@ -4,9 +4,9 @@ torch's CPU tensors come from glibc's malloc, and glibc hands memory back to the
 large block or the top of the heap is freed (thresholds that move with the process's history).
 A model's activations are freed after every layer and allocated again for the next batch, so a
 worker can fault its whole working set in again, page by page, every batch: on the CPU
-benchmark's small BLIP, 40,000 to 350,000 minor page faults per 16-image batch, depending on
-the process and the captions per image, and a batch 4-13% slower than in a process that kept
-its pages. Fixed thresholds keep those pages: the resident memory stays at its peak instead of
+benchmark's small BLIP, 97,000 (one caption per image) to 283,000 (ten) minor page faults per
+16-image batch in an actor left to glibc, and a batch 4% and 12% slower than in a process that
+kept its pages. Fixed thresholds keep those pages: the resident memory stays at its peak instead of
 falling between batches. Blocks above 32 MiB (glibc's largest mmap threshold; BLIP-2's ten
 captions make several) are mapped and unmapped whatever the threshold, so mapping is turned
 off: they come from the heap too, and stay. On the benchmark's ten-caption batches that took

@@ -17,8 +17,7 @@ from capfilt.world.models import write_world_models
 # Settings measured on a 2-core machine; bench/README.md has what they and the ones before gave.
 # - web three times the clean set (BLIP's web data dwarfs COCO): at 3,000 to 2,000, CapFilt's
 #   caption-accuracy gain over the raw web data was smaller than its spread over seeds;
-# - the filter's 900 steps: at 300 it kept 57-62 of about 65 wrong positions and, in seed 2,
-#   dropped 85.75% of the wrong web captions;
+# - the filter's 900 steps: at 300, in seed 2, it dropped 85.75% of the wrong web captions;
 # - the captioner's 800 steps: at 400 its greedy test captions were right 0.68-0.73 of the time,
 #   at 800 0.81 (seeds 1 and 2); 14-16% of the synthetic captions the round kept were wrong, then 7%.
 PROFILES = {

@@ -1,8 +1,8 @@
 """Run independent CPU jobs (trainings, evaluations) side by side, each in its own process.
 
-A small model's training step keeps two torch threads only partly busy: on 2 cores, one
-pre-training of the demo's model ran 150 steps in 51 s with 2 threads, and two of them side by
-side, with 1 thread each, took 72 and 73 s (bench/README.md, "Trainings side by side"). So a
+A small model's training step keeps two torch threads only partly busy: on 2 cores, two
+150-step pre-trainings of the demo's model took 107 s one after another (2 threads) and 89 s
+side by side (1 thread each; bench/results/side-by-side-2core.json). So a
 bootstrap runs the trainings that do not depend on each other at once, the cores split
 between them.
 """
