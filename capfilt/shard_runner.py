@@ -102,11 +102,12 @@ def _timed_compute(stage: CapFiltStage, prepared, spent: dict):
 
 
 def split_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Keep the first row of each key; later ones become ``duplicate_key`` rejects."""
+    """Keep the first row of each key; later ones become ``duplicate_key`` rejects. Rows
+    without a key pass: the reader marked them ``missing_key``, and the stage rejects them."""
     seen: set[str] = set()
     first = []
     for key in table.column("key").to_pylist():
-        first.append(key not in seen)
+        first.append(key is None or key not in seen)
         seen.add(key)
     mask = pa.array(first, pa.bool_())
     later = table.filter(pc.invert(mask)).to_pylist()

@@ -22,11 +22,12 @@ _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def member_stem(key: str) -> str:
-    """The key itself when it is a plain name; else a hash (keys with ``/``, ``..`` or dots
-    would make paths or split webdataset's grouping). The key is always in the json."""
+    """The key itself when it is a plain name; else ``sha256=`` and a hash of it (keys with
+    ``/``, ``..`` or dots would make paths or split webdataset's grouping). A plain name has
+    no ``=``, so a hashed stem never equals a literal one. The key is always in the json."""
     if _SAFE_KEY.fullmatch(key):
         return key
-    return "k" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+    return "sha256=" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
 def webdataset_tar(rows: pa.Table) -> tuple[bytes, int]:

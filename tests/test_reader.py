@@ -50,8 +50,25 @@ def test_globs_brace_ranges_and_file_urls(img2dataset_parquet):
     urls = expand_inputs([f"file://{folder}/0000[03].parquet"])
     assert urls == [f"file://{folder}/00000.parquet", f"file://{folder}/00003.parquet"]
     assert read_shard(urls[0]).table.num_rows == read_shard(f"{folder}/00000.parquet").table.num_rows
-    with pytest.raises(ShardReadError, match="matches no file"):
-        expand_inputs([f"{folder}/*.nothing.parquet"])
+
+
+def test_inputs_that_name_no_shard_are_one_line_value_errors(img2dataset_parquet, tmp_path):
+    folder = str(img2dataset_parquet)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        f"{folder}/*.nothing.parquet": "matches no file",
+        str(tmp_path / "empty"): "matches no file",
+        str(tmp_path / "config.json"): "is not a shard",
+        f"{tmp_path}/*.json": "is not a shard",
+    }
+    for pattern, problem in cases.items():
+        with pytest.raises(ValueError) as caught:
+            expand_inputs([pattern])
+        message = str(caught.value)
+        assert problem in message and "\n" not in message
+        assert repr(pattern) in message or str(tmp_path / "config.json") in message
+        assert ".parquet" in message and ".tar" in message
 
 
 def test_any_parquet_with_named_columns_and_memory_urls():
