@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.kept import kept_texts
+from capfilt.round_folder import shard_path
 from manifests import read_manifest
 
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()),
@@ -36,14 +37,17 @@ def shard_pairs(rows: pa.Table, with_jpg: bool = False) -> pa.Table:
 
 
 def pairs_table(round_dir: str, with_jpg: bool = False) -> pa.Table:
-    """Every kept pair of a finished round, shard by shard in order (failed shards have none)."""
+    """Every kept pair of a finished round, shard by shard in order (failed shards have none).
+
+    Shards are found by index in ``round_dir``, so a moved or copied round reads its own files.
+    """
     manifest = read_manifest(round_dir)
     columns = COLUMNS + (["jpg"] if with_jpg else [])
     tables = []
     for shard in manifest.shards:
         if shard.status != "done" or not shard.output:
             continue
-        fs, path = fsspec.core.url_to_fs(shard.output)
+        fs, path = fsspec.core.url_to_fs(shard_path(round_dir, shard.index))
         with fs.open(path, "rb") as handle:
             tables.append(shard_pairs(pq.read_table(handle, columns=columns), with_jpg))
     if not tables:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -11,6 +12,8 @@ import fsspec
 from manifests.round import RoundManifest
 
 MANIFEST_NAME = "manifest.json"
+# Names of temporary files, visible or not (earlier versions wrote "NAME.tmp-XXXXXXXX").
+TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
 
 class ManifestError(RuntimeError):
@@ -27,14 +30,23 @@ def write_text_atomic(url: str, text: str) -> None:
     write_bytes_atomic(url, text.encode("utf-8"))
 
 
+def temporary_name(path: str) -> str:
+    """A hidden name beside ``path``: dataset readers (pyarrow, Ray Data, fsspec globs) skip
+    names that start with "." or "_", so a writer killed mid-write leaves nothing they read."""
+    folder, _, name = path.rpartition("/")
+    hidden = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    return f"{folder}/{hidden}" if folder else hidden
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` under a temporary name in the same folder, then rename over ``url``.
 
-    A failed write (out of disk, say) leaves no half-written file behind.
+    A failed write (out of disk, say) leaves no half-written file behind; a killed writer
+    leaves a hidden one, which the next run of the round sweeps (capfilt/round_folder.py).
     """
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_name(path)
     try:
         with fs.open(tmp, "wb") as handle:
             handle.write(data)

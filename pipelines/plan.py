@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.model_source import check_model_source, gives_itm
-from capfilt.round_folder import finished_shard, plan_path
+from capfilt.model_source import check_model_source, gives_itm, weights_sha256
+from capfilt.round_folder import finished_shard, plan_path, sweep_temporaries
 from capfilt.shard_reader import ReaderOptions, expand_inputs
 from capfilt.stage_config import StageConfig
 from manifests import ManifestError, ShardResult, read_manifest
 from manifests.store import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+ROLES = ("captioner", "filter")
 
 
 class PlanError(ValueError):
@@ -56,6 +60,9 @@ class RoundPlan:
     options: RoundOptions
     shards: list[str]
     done: dict[int, ShardResult]
+    # Each model's weights hash as the round was first planned (None: a hub id): the
+    # manifest names these, hashed before any worker loaded the weights.
+    weights: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def todo(self) -> list[tuple[int, str]]:
@@ -86,25 +93,58 @@ def plan_round(options: RoundOptions) -> RoundPlan:
                         "probability to threshold or rank by: use --policy topk --rank-by itc "
                         "(BLIP-2's ranking)")
     _check_writable(options.output)
-    recorded = {"parameters": options.parameters(), "inputs": shards}
-    fs, path = fsspec.core.url_to_fs(plan_path(options.output))
-    if fs.exists(path):
-        before = read_json(plan_path(options.output))
-        if before != recorded:
-            raise PlanError(
-                f"{options.output} holds a round started with other inputs or settings "
-                f"({_first_difference(before, recorded)}); use a new --output folder"
-            )
-    else:
-        write_json_atomic(plan_path(options.output), recorded)
+    weights = match_plan(options, shards)
+    sweep_temporaries(options.output)
     done = {}
     for index, shard in enumerate(shards):
         result = finished_shard(options.output, index, shard, "webdataset" in options.write)
         if result is not None:
             done[index] = result
-    plan = RoundPlan(options=options, shards=shards, done=done)
+    plan = RoundPlan(options=options, shards=shards, done=done, weights=weights)
     _check_space(options.output, [path for _, path in plan.todo])
     return plan
+
+
+def match_plan(options: RoundOptions, shards: list[str]) -> dict[str, str | None]:
+    """Record the round's inputs, settings and models' weights hashes in ROUND/plan.json, or
+    check a rerun against them; returns the weights hashes the round stands on.
+
+    A plan.json from before weights were recorded in it is read as it is: its inputs and
+    settings must match, and today's weights hashes are added to it, so later reruns are
+    checked against them (the shards it holds cannot tell which weights made them).
+    """
+    recorded = {"parameters": options.parameters(), "inputs": shards}
+    weights = {role: weights_sha256(getattr(options.stage, role)) for role in ROLES}
+    url = plan_path(options.output)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        write_json_atomic(url, {**recorded, "weights_sha256": weights})
+        return weights
+    before = read_json(url)
+    planned = before.pop("weights_sha256", None)
+    if before != recorded:
+        raise PlanError(
+            f"{options.output} holds a round started with other inputs or settings "
+            f"({_first_difference(before, recorded)}); use a new --output folder"
+        )
+    if planned is None:
+        log.warning("%s: plan.json records no weights hashes (an earlier capfilt); recording "
+                    "today's", url)
+        write_json_atomic(url, {**recorded, "weights_sha256": weights})
+        return weights
+    for role in ROLES:
+        if planned.get(role) != weights[role]:
+            raise PlanError(
+                f"the {role} weights at {getattr(options.stage, role)} changed since "
+                f"{options.output} was started (sha256 {_short(planned.get(role))} then, "
+                f"{_short(weights[role])} now): its finished shards were made with the old "
+                "weights; use a new --output folder for the new ones"
+            )
+    return weights
+
+
+def _short(digest: str | None) -> str:
+    return "none" if digest is None else digest[:12]
 
 
 def _check_space(output: str, todo: list[str]) -> None:

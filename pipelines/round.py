@@ -6,8 +6,9 @@ import logging
 import time
 from contextlib import nullcontext
 
-from capfilt.model_source import model_class_name, weights_sha256
+from capfilt.model_source import model_class_name
 from capfilt.report import write_report
+from capfilt.round_folder import name_parts_in_round
 from capfilt.shard_reader import shard_format
 from capfilt.terminal import log_file
 from manifests import (
@@ -47,9 +48,9 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
              len(plan.shards), len(plan.done), len(plan.todo), options.parameters())
     progress = Progress(len(plan.shards), len(plan.done), stream)
     results = dict(plan.done)
-    # Before the workers load them: a folder overwritten mid-round (a training job saving into
-    # it) must not put the new weights' hash on data the old ones made.
-    models = model_refs(options)
+    # Hashed by the plan, before the workers load them: a folder overwritten mid-round (a
+    # training job saving into it) must not put the new weights' hash on data the old ones made.
+    models = model_refs(options, plan.weights)
     if plan.todo:
         ensure_ray(options.address)
         for result in dispatch(
@@ -72,11 +73,11 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
     return manifest
 
 
-def model_refs(options: RoundOptions) -> list[ModelRef]:
+def model_refs(options: RoundOptions, weights: dict[str, str | None]) -> list[ModelRef]:
     """The manifest's record of the two models: source, class and the weights' hash."""
     return [
         ModelRef(role=role, source=source, model_class=model_class_name(source, role),
-                 weights_sha256=weights_sha256(source))
+                 weights_sha256=weights[role])
         for role, source in (("captioner", options.stage.captioner),
                              ("filter", options.stage.filter))
     ]
@@ -85,7 +86,7 @@ def model_refs(options: RoundOptions) -> list[ModelRef]:
 def build_manifest(plan: RoundPlan, results: dict, models: list[ModelRef], created: str,
                    seconds: float) -> RoundManifest:
     options = plan.options
-    shards = [results[i] for i in sorted(results)]
+    shards = [name_parts_in_round(results[i]) for i in sorted(results)]
     totals = Totals.of(shards)
     images = sum(r.rows_out for i, r in results.items() if i not in plan.done)
     shard_seconds = sum(r.seconds for i, r in results.items() if i not in plan.done)
