@@ -17,6 +17,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from capfilt.images import ImageRejected, decode_image
+from capfilt.round_folder import shard_path
 from capfilt.svg_plots import bars, histogram
 from manifests import ManifestError, RoundManifest, read_manifest
 from manifests.store import write_text_atomic
@@ -26,6 +27,9 @@ SCORE_COLUMNS = ["key", "url", "web_caption", "web_itm", "web_itc", "synthetic_c
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 EDGE = 0.05  # "just above / below the threshold" means within this much of it
 MAX_ROUNDS_BACK = 20
+# Characters of any one text (caption, URL, key, message) shown: a 5 MB caption is stored whole
+# in its shard, but would make the report as large.
+TEXT_LIMIT = 300
 
 
 @dataclass
@@ -34,6 +38,13 @@ class Sample:
     row: int
     why: str
     record: dict
+
+
+def _shown(text: str, limit: int = TEXT_LIMIT) -> str:
+    """``text`` escaped for HTML, cut at ``limit`` characters with an ellipsis saying so."""
+    if len(text) <= limit:
+        return escape(text)
+    return escape(text[:limit]) + "&hellip;"
 
 
 def _read(url: str, columns: list[str]):
@@ -50,9 +61,10 @@ def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
     rows = {}
     for shard in manifest.shards:
         if shard.status == "done":
-            rows[shard.index] = _read(shard.output, SCORE_COLUMNS).to_pylist()
+            rows[shard.index] = _read(shard_path(round_dir, shard.index),
+                                      SCORE_COLUMNS).to_pylist()
     chosen = choose_samples(rows, threshold, samples, seed)
-    images = _thumbnails(manifest, chosen)
+    images = _thumbnails(round_dir, chosen)
     body = [
         f"<h1>CapFilt round {manifest.round}</h1>",
         _summary(manifest),
@@ -108,14 +120,13 @@ def choose_samples(rows: dict[int, list[dict]], threshold: float, size: int,
     return list(picked.values())
 
 
-def _thumbnails(manifest: RoundManifest, chosen: list[Sample]) -> dict[tuple[int, int], str]:
-    by_shard = {s.index: s for s in manifest.shards}
+def _thumbnails(round_dir: str, chosen: list[Sample]) -> dict[tuple[int, int], str]:
     wanted: dict[int, list[int]] = {}
     for sample in chosen:
         wanted.setdefault(sample.shard, []).append(sample.row)
     out = {}
     for shard, indices in wanted.items():
-        column = _read(by_shard[shard].output, ["jpg"]).column("jpg")
+        column = _read(shard_path(round_dir, shard), ["jpg"]).column("jpg")
         for index in indices:
             out[(shard, index)] = _thumbnail(column[index].as_py())
     return out
@@ -151,7 +162,7 @@ def _summary(manifest: RoundManifest) -> str:
         ("wall time", f"{manifest.timings.get('wall_seconds', 0):.1f} s"),
         ("time in the models", _model_share(manifest.timings)),
     ]
-    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in cells)
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{_shown(str(v))}</td></tr>" for k, v in cells)
     return f'<table class="summary">{rows}</table>'
 
 
@@ -201,9 +212,9 @@ def _rejects_table(manifest: RoundManifest) -> str:
     failed = [s for s in manifest.shards if s.status != "done"]
     if not reasons and not failed:
         return "<p>None: every input row was scored.</p>"
-    lines = "".join(f"<tr><td>{escape(reason)}</td><td>{count}</td></tr>"
+    lines = "".join(f"<tr><td>{_shown(reason)}</td><td>{count}</td></tr>"
                     for reason, count in reasons.most_common())
-    shards = "".join(f"<li>shard {s.index:05d} ({escape(s.input)}): {escape(s.error or '')}</li>"
+    shards = "".join(f"<li>shard {s.index:05d} ({_shown(s.input)}): {_shown(s.error or '')}</li>"
                      for s in failed)
     return (f'<table><tr><th>reason</th><th>rows</th></tr>{lines}</table>'
             + (f"<p>Failed shards:</p><ul>{shards}</ul>" if shards else ""))
@@ -254,9 +265,9 @@ def _grid(chosen: list[Sample], images: dict, threshold: float) -> str:
         picture = f'<img src="{src}" alt="">' if src else '<div class="noimg">no image</div>'
         cards.append(
             f'<figure class="card">{picture}<figcaption>'
-            f'<div class="why">{escape(sample.why)} &middot; {escape(r["key"])}</div>'
+            f'<div class="why">{escape(sample.why)} &middot; {_shown(r["key"])}</div>'
             f'<ul>{"".join(lines)}</ul>'
-            f'<div class="url">{escape(r["url"] or "")}</div></figcaption></figure>'
+            f'<div class="url">{_shown(r["url"] or "")}</div></figcaption></figure>'
         )
     return f'<div class="grid">{"".join(cards)}</div>'
 
@@ -265,7 +276,7 @@ def _caption_line(source: str, text: str, itm: float | None, itc: float, kept: b
     mark = "kept" if kept else "dropped"
     itm_text = "-" if itm is None else f"{itm:.3f}"
     return (f'<li class="{mark} {source}"><span class="badge">{"&#10003;" if kept else "&#10007;"}'
-            f'</span> <b>{source}</b> {escape(text)} '
+            f'</span> <b>{source}</b> {_shown(text)} '
             f'<span class="score">ITM {itm_text} &middot; ITC {itc:.3f}</span></li>')
 
 

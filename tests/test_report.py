@@ -20,6 +20,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Entity-encoded, as alt text often is: the cleaned web caption holds a literal <script> tag.
 HOSTILE = "a red circle &lt;script&gt;document.body.setAttribute('data-pwned','yes')&lt;/script&gt;"
 HOSTILE_URL = "javascript:alert(1)\"><script>document.title='pwned'</script>"
+LONG_CAPTION = "a very long caption " * 5000  # 100,000 characters, stored whole in the shard
+LONG_URL = "http://example.com/" + "x" * 100_000
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
@@ -31,6 +33,7 @@ def report(ray_local, tiny_models, tmp_path_factory):
     write_sample_shards(work / "in", shards=2, rows=10, seed=3)
     rows = sample_rows(2, 4, seed=3)[:2]
     rows[0].update(caption=HOSTILE, url=HOSTILE_URL)
+    rows[1].update(caption=LONG_CAPTION, url=LONG_URL)
     pq.write_table(pa.Table.from_pylist(rows, schema=IMG2DATASET_SCHEMA),
                    work / "in" / "00002.parquet")
     stage = StageConfig(captioner=str(tiny_models["captioner"]), filter=str(tiny_models["filter"]),
@@ -55,6 +58,17 @@ def test_report_is_written_with_every_section(report):
     scored = json.loads((report.parent / "manifest.json").read_text())["totals"]["rows_out"]
     assert scored == 18 and html.count('<figure class="card">') == scored  # small round: all
     assert "undecodable_image" in html and "failed_to_download" in html
+
+
+def test_long_texts_are_cut_in_the_report(report):
+    """A caption or URL of any length shows its first few hundred characters and an ellipsis."""
+    html = report.read_text()
+    stored = pq.read_table(report.parent / "shards", columns=["web_caption", "url"]).to_pylist()
+    assert any(len(r["web_caption"] or "") > 90_000 for r in stored)  # the shard keeps it whole
+    assert html.count("a very long caption") < 30 and "x" * 1000 not in html
+    assert "a very long caption a very long caption" in html and "&hellip;" in html
+    assert "http://example.com/xxxxxxxx" in html
+    assert len(html) < 500_000
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
