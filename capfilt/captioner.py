@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from capfilt.attention import captions_share_image, uses_sdpa
+from capfilt.model_source import fit_generation
 from capfilt.models import LoadedModel
 from capfilt.sampling import (
     apply_repetition_penalty,
@@ -44,6 +45,9 @@ class Captioner:
         self.task_ids = {self.bos_id, self.bos_id + 1}
         ids = self.tokenizer(sampling.prompt, add_special_tokens=True).input_ids[:-1]
         self.prompt_ids = torch.tensor([self.bos_id] + ids[1:], device=self.device)
+        # Past its positions every shard would fail with a shape error: refuse at the start.
+        fit_generation(f"captioner model {self.model.name_or_path}", sampling.max_new_tokens,
+                       self.prompt_ids.numel(), text_config.max_position_embeddings)
         # Stop checks a step late on a GPU: reading "all finished" at once would drain the queue
         # every step (the host then launches the next step onto an idle GPU). The late check
         # costs one decoding step per batch, whose tokens are padding past every caption's end.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
+from capfilt.model_source import fit_generation
 from capfilt.models import LoadedModel
 from capfilt.seeding import caption_seed
 from capfilt.stage_config import SamplingConfig
@@ -34,6 +35,10 @@ class LanguageModelCaptioner:
         lead = [bos] if bos is not None and not config.text_config.is_encoder_decoder else []
         ids = [config.image_token_index] * config.num_query_tokens + lead + prompt
         self.input_ids = torch.tensor([ids], device=self.device)
+        positions = getattr(config.text_config, "max_position_embeddings", None)
+        if positions and not config.text_config.is_encoder_decoder:  # T5's are relative
+            fit_generation(f"captioner model {self.model.name_or_path}", sampling.max_new_tokens,
+                           len(ids), positions)
         self.instruct = isinstance(self.model, InstructBlipForConditionalGeneration)
         if self.instruct:
             qformer = self.processor.qformer_tokenizer(sampling.prompt.strip(), return_tensors="pt")

@@ -56,15 +56,20 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
     torch_dtype = DTYPES[dtype]
     # A local folder never touches the network; only a hub id the user named does.
     local = Path(source).is_dir()
+    wanted = model_class(source, role)
     try:
-        model = model_class(source, role).from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local
+        # Shapes unlike the config's are reported with the other misfits below, not raised
+        # with a pointer to a table in the log; their size is bounded by the checks above.
+        model, info = wanted.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local, output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
     except pickle.UnpicklingError as exc:
         raise ModelSourceError(
             f"{role} model {source}: weights refused, they are a pickle that does more than "
             "hold tensors (only safetensors or torch.load(weights_only=True) files load)"
         ) from exc
+    check_loading_info(info, f"{role} model {source}", wanted.__name__)
     model = model.to(device).eval()
     if torch.device(device).type == "cuda":  # cuDNN's convolution there: capfilt/patch_embedding.py
         patches_as_products(model)
@@ -73,3 +78,31 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
     processor_class = BlipProcessor if isinstance(model, MODEL_CLASSES[role]) else AutoProcessor
     processor = processor_class.from_pretrained(source, local_files_only=local)
     return LoadedModel(model, processor, torch.device(device), torch_dtype)
+
+
+def check_loading_info(info: dict, what: str, class_name: str) -> None:
+    """Refuse weights that do not fill the model exactly: transformers would initialise what is
+    missing at random and run on with a warning in a worker's log. What it knows to be absent
+    legitimately (tied weights, rebuilt buffers) it has already left out of ``info``."""
+    problems = []
+    for label, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"])):
+        if keys:
+            problems.append(f"{label} {_tensors(len(keys))} ({_first(sorted(keys))})")
+    if info["mismatched_keys"]:
+        shapes = [f"{key} (weights {list(theirs)}, config {list(ours)})"
+                  for key, theirs, ours in sorted(info["mismatched_keys"])]
+        problems.append(f"{_tensors(len(shapes))} of other shapes than its config gives "
+                        f"({_first(shapes)})")
+    if info["error_msgs"]:
+        problems.append(" ".join(str(info["error_msgs"][0]).split())[:300])
+    if problems:
+        raise ModelSourceError(f"{what}: its weights do not match {class_name}: "
+                               + "; ".join(problems))
+
+
+def _tensors(count: int) -> str:
+    return f"{count} tensor" if count == 1 else f"{count} tensors"
+
+
+def _first(items: list[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")

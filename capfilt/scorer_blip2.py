@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.models import LoadedModel
-from capfilt.scorer import _regroup
+from capfilt.scorer import _regroup, cut_texts
 
 # LAVIS's Blip2Qformer truncates text at 32 tokens.
 BLIP2_TEXT_TOKENS = 32
@@ -56,7 +56,7 @@ class Blip2Scorer:
 
     def _score_chunk(self, chunk: list[str], embeds: torch.Tensor, image_feat: torch.Tensor):
         m = self.model
-        tokens = self.tokenizer(chunk, padding="longest", truncation=True,
+        tokens = self.tokenizer(cut_texts(chunk, self.max_text_tokens), padding="longest", truncation=True,
                                 max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
         text_out = m.qformer(query_embeds=m.embeddings(input_ids=tokens.input_ids), query_length=0,
                              attention_mask=tokens.attention_mask)[0]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.models import LoadedModel
-from capfilt.scorer import _regroup
+from capfilt.scorer import _regroup, cut_texts
 
 
 class ClipScorer:
@@ -37,8 +37,9 @@ class ClipScorer:
         image = F.normalize(_tensor(image).float(), dim=-1)
         cosines = []
         for start in range(0, len(flat), self.text_batch_size):
-            tokens = self.tokenizer(flat[start : start + self.text_batch_size], padding="longest",
-                                    truncation=True, max_length=self.max_text_tokens,
+            chunk = cut_texts(flat[start : start + self.text_batch_size], self.max_text_tokens)
+            tokens = self.tokenizer(chunk, padding="longest", truncation=True,
+                                    max_length=self.max_text_tokens,
                                     return_tensors="pt").to(self.device)
             text = self.model.get_text_features(input_ids=tokens.input_ids,
                                                 attention_mask=tokens.attention_mask)
