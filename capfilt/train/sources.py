@@ -27,9 +27,12 @@ import pyarrow.parquet as pq
 
 from capfilt.shard_reader import (
     SUCCESS,
+    InputError,
     ShardReadError,
     expand_inputs,
-    sample_key,
+    open_regular,
+    read_regular,
+    tar_samples,
     webdataset_rows,
 )
 
@@ -116,7 +119,7 @@ def _source_pieces(index: int, source: Source) -> list[Piece]:
     else:
         try:
             urls = expand_inputs([source.path])
-        except ShardReadError as exc:
+        except InputError as exc:
             raise TrainingDataError(str(exc)) from exc
     tars = {url[: -len(".tar")] for url in urls if url.endswith(".tar")}
     pieces = []
@@ -132,11 +135,11 @@ def _source_pieces(index: int, source: Source) -> list[Piece]:
 
 def _row_groups(url: str, needed: list[str]) -> list[int]:
     try:
-        with fsspec.open(url, "rb") as handle:
+        with open_regular(url) as (handle, _):
             file = pq.ParquetFile(handle)
             meta, names = file.metadata, set(file.schema_arrow.names)
-    except FileNotFoundError as exc:
-        raise TrainingDataError(f"{url}: file not found") from exc
+    except ShardReadError as exc:
+        raise TrainingDataError(str(exc)) from exc
     except (pa.ArrowInvalid, OSError) as exc:
         raise TrainingDataError(f"{url}: not a readable parquet file ({exc})") from exc
     missing = [c for c in needed if c not in names]
@@ -151,21 +154,15 @@ def _tar_rows(url: str) -> int:
     the tar); without one, the tar's headers are read once."""
     sidecar = url[: -len(".tar")] + ".parquet"
     try:
-        with fsspec.open(sidecar, "rb") as handle:
+        with open_regular(sidecar) as (handle, _):
             status = pq.read_table(handle, columns=["status"]).column("status").to_pylist()
         return sum(1 for s in status if s == SUCCESS)
-    except (FileNotFoundError, KeyError, pa.ArrowInvalid):
-        log.warning("%s: no img2dataset metadata beside it; counting its samples", url)
-    keys = set()
+    except (KeyError, pa.ArrowInvalid, ShardReadError):
+        log.warning("%s: no usable img2dataset metadata beside it; counting its samples", url)
     try:
-        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-            for member in tar:
-                key = sample_key(member.name) if member.isfile() else None
-                if key is not None:
-                    keys.add(key)
-    except (tarfile.TarError, OSError) as exc:
-        raise TrainingDataError(f"{url}: not a readable tar file ({exc})") from exc
-    return len(keys)
+        return sum(1 for _ in tar_samples(url, read_regular(url)))
+    except ShardReadError as exc:
+        raise TrainingDataError(str(exc)) from exc
 
 
 def split_pieces(pieces: list[Piece], parts: int) -> list[Piece]:
@@ -210,11 +207,10 @@ def read_piece(piece: Piece) -> list[Row]:
 
 def _read_rows(piece: Piece) -> list[Row]:
     if piece.group is None:
-        with fsspec.open(piece.url, "rb") as handle:
-            table, _ = webdataset_rows(piece.url, handle.read())
+        table, _ = webdataset_rows(piece.url, read_regular(piece.url))
         rows = _shard_rows(table)
     else:
-        with fsspec.open(piece.url, "rb") as handle:
+        with open_regular(piece.url) as (handle, _):
             file = pq.ParquetFile(handle)
             names = set(file.schema_arrow.names)
             wanted = ROUND_COLUMNS if piece.view else ["key", "jpg", "caption", "status"]
