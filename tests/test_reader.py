@@ -109,3 +109,15 @@ def test_unreadable_shards_raise_a_clear_error(tmp_path):
         read_shard(str(tmp_path / "bad.tar"))
     with pytest.raises(ShardReadError, match="file not found"):
         read_shard(str(tmp_path / "missing.parquet"))
+
+
+def test_capfilt_run_names_a_bad_input_in_one_line_and_exits_2(tiny_models, tmp_path, capsys):
+    from pipelines.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    models = ["--captioner", str(tiny_models["captioner"]), "--filter", str(tiny_models["filter"])]
+    for given in (str(tmp_path / "config.json"), f"{tmp_path}/*.parquet"):
+        code = main(["run", "--input", given, "--output", str(tmp_path / "round"), *models])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in error and given in error, error
+        assert not (tmp_path / "round").exists()
