@@ -156,3 +156,15 @@ def test_hashed_member_names_cannot_collide_with_literal_keys(tmp_path):
     stems = {member_stem(r["key"]) for r in rows}
     assert len(stems) == 3 and member_stem("plain") == "plain"
     assert all("." not in s and "/" not in s for s in stems)
+
+
+def test_training_reader_reads_any_text_column_and_invalid_utf8(tmp_path):
+    shard = tmp_path / "train.parquet"
+    pq.write_table(pa.table({
+        "key": pa.array([b"a", b"b\xff"], pa.large_binary()),
+        "caption": invalid_utf8([b"caf\xe9", b"a red circle"]),
+        "jpg": [GOOD, GOOD],
+    }), shard)
+    rows = read_piece(Piece(str(shard), 0, None, 0, 2))
+    assert [(r.key, r.captions, r.skip) for r in rows] == [
+        ("a", ["caf\ufffd"], None), ("b\ufffd", ["a red circle"], None)]

@@ -33,6 +33,7 @@ from capfilt.shard_reader import (
     open_regular,
     read_regular,
     tar_samples,
+    text_column,
     webdataset_rows,
 )
 
@@ -208,24 +209,24 @@ def read_piece(piece: Piece) -> list[Row]:
 def _read_rows(piece: Piece) -> list[Row]:
     if piece.group is None:
         table, _ = webdataset_rows(piece.url, read_regular(piece.url))
-        rows = _shard_rows(table)
+        rows = _shard_rows(table, piece.url)
     else:
         with open_regular(piece.url) as (handle, _):
             file = pq.ParquetFile(handle)
             names = set(file.schema_arrow.names)
             wanted = ROUND_COLUMNS if piece.view else ["key", "jpg", "caption", "status"]
             table = file.read_row_group(piece.group, columns=[c for c in wanted if c in names])
-        rows = _round_rows(table, piece.view) if piece.view else _shard_rows(table)
+        rows = _round_rows(table, piece.view) if piece.view else _shard_rows(table, piece.url)
     return rows
 
 
-def _shard_rows(table: pa.Table) -> list[Row]:
+def _shard_rows(table: pa.Table, url: str) -> list[Row]:
     if "jpg" not in table.column_names:
         raise TrainingDataError("a training shard has no jpg column")
     n = table.num_rows
-    keys = _strings(table, "key", n)
-    captions = _strings(table, "caption", n)
-    status = _strings(table, "status", n, default=SUCCESS)
+    keys = _strings(table, "key", n, url)
+    captions = _strings(table, "caption", n, url)
+    status = _strings(table, "status", n, url, default=SUCCESS)
     rows = []
     for key, image, caption, state in zip(keys, table.column("jpg").to_pylist(), captions, status):
         skip = None if state == SUCCESS else (state or "failed")
@@ -237,14 +238,11 @@ def _round_rows(table: pa.Table, view: str) -> list[Row]:
     return [Row(row["key"], row["jpg"], round_captions(row, view)) for row in table.to_pylist()]
 
 
-def _strings(table: pa.Table, name: str, n: int, default: str | None = None) -> list:
+def _strings(table: pa.Table, name: str, n: int, url: str, default: str | None = None) -> list:
+    """A text column as the round reads it (any string or binary type, bad UTF-8 replaced)."""
     if name not in table.column_names:
         return [default] * n
-    values = table.column(name)
-    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
-        return [None if v is None else v.decode("utf-8", errors="replace")
-                for v in values.to_pylist()]
-    return values.cast(pa.string()).to_pylist()
+    return text_column(url, name, table.column(name)).to_pylist()
 
 
 def round_captions(row: dict, view: str) -> list[str]:
