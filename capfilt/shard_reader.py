@@ -329,12 +329,17 @@ def tar_samples(url: str, data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]
     """(key, {extension: bytes}) per sample: consecutive members with the same key, grouped
     webdataset's way (the name up to the first dot of its basename)."""
     key, parts = None, {}
+    plain = decompressed(url, data)
     try:
-        with tarfile.open(fileobj=io.BytesIO(decompressed(url, data)), mode="r:") as archive:
+        with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as archive:
             for member in archive:
                 member_key = sample_key(member.name) if member.isfile() else None
                 if member_key is None:
                     continue
+                if member.size > len(plain):  # a sparse member: tarfile fills its holes
+                    raise ShardReadError(
+                        f"{url}: member {member.name} declares {member.size:,} bytes in a tar "
+                        f"of {len(plain):,} (a sparse file): refused")
                 extension = posixpath.basename(member.name).split(".", 1)[1].lower()
                 if member_key != key or extension in parts:
                     if key is not None:

@@ -172,3 +172,18 @@ def test_a_16_bit_png_under_the_limit_decodes_within_its_cost(tmp_path):
     assert grown <= cost / 2**20 * 1.1
     pixel = decode_image(path.read_bytes()).getpixel((0, 0))
     assert pixel == (155, 155, 155)  # 40000 of 65535, as before
+
+
+def test_a_sparse_tar_member_larger_than_its_archive_is_refused(tmp_path):
+    """GNU tar stores a sparse file's holes as a map: 10 KB of tar declared a 3 GB member,
+    which tarfile fills with zeros in memory when the member is read."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    with open(folder / "a.jpg", "wb") as hole:
+        hole.truncate(3 << 30)
+    (folder / "a.txt").write_text("a red circle")
+    path = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(path), "a.jpg", "a.txt"], cwd=folder, check=True)
+    assert path.stat().st_size < 100_000
+    line = read_in_child(path)
+    assert line.startswith(f"refused: {path}: member a.jpg declares 3,221,225,472 bytes")
