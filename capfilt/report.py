@@ -48,8 +48,14 @@ def _shown(text: str, limit: int = TEXT_LIMIT) -> str:
 
 
 def _read(url: str, columns: list[str]):
+    """A shard's columns; a shard the manifest counts but the folder lacks is a clear error."""
     fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as handle:
+    try:
+        handle = fs.open(path, "rb")
+    except FileNotFoundError as exc:
+        raise ValueError(f"{url} is missing from the round; capfilt validate lists what "
+                         "else is") from exc
+    with handle:
         return pq.read_table(handle, columns=columns)
 
 

@@ -140,6 +140,8 @@ def test_a_moved_round_folder_validates_and_reports_itself(finished, tmp_path, m
     capsys.readouterr()
     assert main(["validate", str(moved)]) == 1
     assert "shards/00001.parquet" in capsys.readouterr().out
+    assert main(["report", str(moved)]) == 2
+    assert "00001.parquet is missing" in capsys.readouterr().err
     assert main(["validate", str(finished)]) == 0
 
 
