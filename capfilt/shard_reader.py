@@ -59,6 +59,9 @@ MAX_COMPRESSION_RATIO = 50
 # A decompressed tar is held in memory whole, as a plain one is: 4 GiB is several times
 # img2dataset's usual shard (10,000 images of a few hundred KB at most).
 MAX_DECOMPRESSED_BYTES = 4 << 30
+# Parquet is decoded this many rows at a time and counted, so that a file whose values expand
+# far beyond its size (parquet's dictionary encoding: 3 MB held 3 GB) is refused early.
+PARQUET_BATCH_ROWS = 256
 _DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 
 
@@ -235,9 +238,34 @@ def _sidecar_failures(url: str, sidecar: bytes, in_tar: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
 
 
+def read_parquet(url: str, file: pq.ParquetFile, size: int, row_groups: list[int] | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """Row groups of a parquet file of ``size`` bytes, decoded within ``MAX_COMPRESSION_RATIO``
+    times that size and ``MAX_DECOMPRESSED_BYTES``: what the footer declares is checked first,
+    then what the values take once decoded, batch by batch."""
+    groups = range(file.num_row_groups) if row_groups is None else row_groups
+    limit = min(MAX_DECOMPRESSED_BYTES, MAX_COMPRESSION_RATIO * max(size, 1))
+    declared = sum(file.metadata.row_group(g).total_byte_size for g in groups)
+    bound = f"{MAX_COMPRESSION_RATIO} times its {size:,} bytes, at most {MAX_DECOMPRESSED_BYTES:,}"
+    if declared > limit:
+        raise ShardReadError(f"{url}: declares {declared:,} bytes of data, more than {limit:,} "
+                             f"({bound}): refused as a decompression bomb")
+    batches, decoded = [], 0
+    for batch in file.iter_batches(PARQUET_BATCH_ROWS, row_groups=list(groups), columns=columns):
+        decoded += batch.nbytes
+        if decoded > limit:
+            raise ShardReadError(f"{url}: decodes to more than {limit:,} bytes ({bound}): "
+                                 "refused as a decompression bomb")
+        batches.append(batch)
+    schema = file.schema_arrow
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns])
+    return pa.Table.from_batches(batches, schema=schema)
+
+
 def _parquet_rows(url: str, data: bytes, options: ReaderOptions) -> tuple[pa.Table, list[str]]:
     try:
-        raw = pq.read_table(pa.BufferReader(data))
+        raw = read_parquet(url, pq.ParquetFile(pa.BufferReader(data)), len(data))
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise ShardReadError(f"{url}: not a readable parquet file ({exc})") from exc
     names = raw.column_names

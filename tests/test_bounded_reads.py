@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -187,3 +189,40 @@ def test_a_sparse_tar_member_larger_than_its_archive_is_refused(tmp_path):
     assert path.stat().st_size < 100_000
     line = read_in_child(path)
     assert line.startswith(f"refused: {path}: member a.jpg declares 3,221,225,472 bytes")
+
+
+@pytest.fixture(scope="module")
+def dictionary_bomb(tmp_path_factory):
+    """A parquet row group of 30,000 rows that share one random 100 KB image through parquet's
+    dictionary encoding: 100 KB on disk, 3 GB once its column is decoded. Written from Arrow's
+    own dictionary array, so the test never holds the 3 GB either."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.parquet"
+    value = b"\xff\xd8" + os.urandom(100_000)
+    images = pa.DictionaryArray.from_arrays(pa.array(np.zeros(30_000, np.int32)),
+                                            pa.array([value], pa.binary()))
+    table = pa.table({"key": [str(i) for i in range(30_000)], "jpg": images})
+    pq.write_table(table, path, compression="zstd", store_schema=False)
+    return path
+
+
+def test_a_parquet_that_decodes_far_beyond_its_size_is_refused(dictionary_bomb):
+    assert dictionary_bomb.stat().st_size * MAX_COMPRESSION_RATIO < 3_000_000_000
+    line = read_in_child(dictionary_bomb)
+    assert line.startswith(f"refused: {dictionary_bomb}: decodes to more than ")
+    done = run_limited(f"""
+        from capfilt.train.sources import Source, list_pieces, read_piece
+        [piece] = list_pieces([Source({str(dictionary_bomb)!r})])
+        print(piece.rows, sorted({{r.skip for r in read_piece(piece)}}))
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["30000", "['unreadable_shard']"]
+
+
+def test_a_parquet_whose_footer_declares_far_more_than_its_size_is_refused_unread(tmp_path):
+    path = tmp_path / "zeros.parquet"
+    pq.write_table(pa.table({"key": [str(i) for i in range(20)],
+                             "jpg": pa.array([bytes(1 << 20)] * 20, pa.binary())}),
+                   path, compression="zstd", use_dictionary=False)
+    assert path.stat().st_size * MAX_COMPRESSION_RATIO < 20 << 20
+    with pytest.raises(ShardReadError, match="declares 20,9[0-9,]+ bytes of data, more than"):
+        read_shard(str(path))

@@ -31,6 +31,7 @@ from capfilt.shard_reader import (
     ShardReadError,
     expand_inputs,
     open_regular,
+    read_parquet,
     read_regular,
     tar_samples,
     text_column,
@@ -211,11 +212,12 @@ def _read_rows(piece: Piece) -> list[Row]:
         table, _ = webdataset_rows(piece.url, read_regular(piece.url))
         rows = _shard_rows(table, piece.url)
     else:
-        with open_regular(piece.url) as (handle, _):
+        with open_regular(piece.url) as (handle, size):
             file = pq.ParquetFile(handle)
             names = set(file.schema_arrow.names)
             wanted = ROUND_COLUMNS if piece.view else ["key", "jpg", "caption", "status"]
-            table = file.read_row_group(piece.group, columns=[c for c in wanted if c in names])
+            table = read_parquet(piece.url, file, size, [piece.group],
+                                 [c for c in wanted if c in names])
         rows = _round_rows(table, piece.view) if piece.view else _shard_rows(table, piece.url)
     return rows
 
