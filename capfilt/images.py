@@ -38,9 +38,10 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS,
     """Bytes -> RGB PIL image (EXIF orientation applied), or ``ImageRejected`` with a reason.
 
     The header is read first so that a file declaring huge dimensions, or whose mode would make
-    its decode cost over ``MAX_DECODE_BYTES``, is refused before its pixels are allocated. ``at_least`` (width, height): a JPEG may be decoded at 1/2, 1/4 or
-    1/8 of its size (libjpeg's DCT scaling, Pillow's ``draft``) while it stays at least that
-    large; training, which resizes to a small side anyway, decodes several times faster.
+    its decode cost over ``MAX_DECODE_BYTES``, is refused before its pixels are allocated.
+    ``at_least`` (width, height): a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size
+    (libjpeg's DCT scaling, Pillow's ``draft``) while it stays at least that large; training,
+    which resizes to a small side anyway, decodes several times faster.
     """
     if not data:
         raise ImageRejected("missing_image", "the row has no image bytes")

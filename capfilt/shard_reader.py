@@ -321,15 +321,16 @@ def text_column(url: str, name: str, values: pa.ChunkedArray) -> pa.ChunkedArray
     try:
         return raw.cast(pa.string())  # checks that every value is UTF-8
     except pa.ArrowInvalid:
-        return pa.chunked_array([pa.array([None if v is None else _text(v) for v in raw.to_pylist()],
-                                          pa.string())])
+        texts = [None if v is None else _text(v) for v in raw.to_pylist()]
+        return pa.chunked_array([pa.array(texts, pa.string())])
 
 
 def _image_column(url: str, name: str, values: pa.ChunkedArray) -> pa.ChunkedArray:
     try:
         return values.cast(pa.binary())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ShardReadError(f"{url}: image column {name!r} holds {values.type}, not bytes") from exc
+        raise ShardReadError(
+            f"{url}: image column {name!r} holds {values.type}, not bytes") from exc
 
 
 def sample_key(name: str) -> str | None:
@@ -375,7 +376,8 @@ def tar_samples(url: str, data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]
                     key, parts = member_key, {}
                 parts[extension] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError(f"{url}: not a readable tar file ({' '.join(str(exc).split())})") from exc
+        reason = " ".join(str(exc).split())
+        raise ShardReadError(f"{url}: not a readable tar file ({reason})") from exc
     if key is not None:
         yield key, parts
 
@@ -412,8 +414,8 @@ def _sample_row(key: str, parts: dict[str, bytes]) -> dict:
     if "json" in parts:
         try:
             meta = json.loads(parts["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _unusable(row, "invalid_metadata", f"{key}.json is not JSON ({exc})")
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, huge int
+            return _unusable(row, "invalid_metadata", f"{key}.json is not usable JSON ({exc})")
         if not isinstance(meta, dict):
             return _unusable(row, "invalid_metadata",
                              f"{key}.json holds a {type(meta).__name__}, not an object")

@@ -101,6 +101,8 @@ HOSTILE_TAR = [
     *sample("number-caption", meta={"caption": 5}),
     *sample("list-caption", meta={"caption": ["a", "b"]}),
     *sample("json-caption", meta={"caption": "from the json", "url": 7}),
+    ("too-deep.jpg", GOOD), ("too-deep.json", b"[" * 100_000),
+    ("huge-int.jpg", GOOD), ("huge-int.json", b'{"key": 1' + b"0" * 5000 + b"}"),
     *sample("again", b"the first"),
     *sample("other", b"between"),
     *sample("again", b"the second, not adjacent"),
@@ -117,21 +119,25 @@ def test_webdataset_metadata_and_repeated_keys_are_row_rejects(loaded, tmp_path)
     assert rows["json-caption"]["url"] is None
     reasons = {(r["key"], r["reason"], r["caption"]) for r in rejects}
     assert reasons == {("list-json", "invalid_metadata", None),
+                       ("too-deep", "invalid_metadata", None),
+                       ("huge-int", "invalid_metadata", None),
                        ("number-caption", "invalid_caption", None),
                        ("list-caption", "invalid_caption", None),
                        ("again", "duplicate_key", "the second, not adjacent")}
     assert all(len(r["message"]) > 10 and "\n" not in r["message"] for r in rejects)
-    assert result.rows_in == 8
+    assert result.rows_in == 10
 
 
 def test_training_reader_skips_the_same_rows_with_their_reasons(tmp_path):
     shard = tmp_path / "hostile.tar"
     write_tar(shard, HOSTILE_TAR)
-    rows = read_piece(Piece(str(shard), 0, None, None, 8))
+    rows = read_piece(Piece(str(shard), 0, None, None, 10))
     skipped = {r.key: r.skip for r in rows if r.skip}
     assert skipped == {"list-json": "invalid_metadata", "number-caption": "invalid_caption",
+                       "too-deep": "invalid_metadata", "huge-int": "invalid_metadata",
                        "list-caption": "invalid_caption"}
-    assert [r.captions for r in rows if r.key == "again"] == [["the first"], ["the second, not adjacent"]]
+    assert [r.captions for r in rows if r.key == "again"] == [
+        ["the first"], ["the second, not adjacent"]]
 
 
 def output_row(key: str, caption: str) -> dict:
