@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from capfilt.model_source import ModelSourceError
+from capfilt.model_source import ModelSourceError, check_model_source
 from capfilt.models import load_model
 from capfilt.terminal import terminal_safe
 
@@ -34,6 +34,17 @@ def test_weights_that_would_run_code_are_refused(tiny_models, tmp_path):
     with pytest.raises(ModelSourceError, match="weights refused"):
         load_model(str(folder), "filter")
     assert not marker.exists()
+
+
+def test_model_files_that_never_end_are_refused_before_they_are_read(tiny_models, tmp_path):
+    """A FIFO would hang the driver hashing the weights; a link to /dev/zero would never end."""
+    for name, make in (("fifo", os.mkfifo), ("zero", lambda p: os.symlink("/dev/zero", p))):
+        folder = tmp_path / name
+        shutil.copytree(tiny_models["filter"], folder)
+        (folder / "model.safetensors").unlink()
+        make(folder / "model.safetensors")
+        with pytest.raises(ModelSourceError, match="model.safetensors is not a regular file"):
+            check_model_source(str(folder), "filter")
 
 
 def test_terminal_output_cannot_be_steered_by_web_text():
