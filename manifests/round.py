@@ -41,7 +41,12 @@ class ModelRef:
 
 @dataclass
 class ShardResult:
-    """What one shard produced; a shard with ``status == "done"`` is never run again."""
+    """What one shard produced; a shard with ``status == "done"`` is run again only if its
+    input no longer has ``input_bytes`` and ``input_sha256``.
+
+    Its files are named relative to the round folder ("shards/00000.parquet"); manifests of
+    earlier versions hold the paths the run was given, so readers look files up by index.
+    """
 
     index: int
     input: str
