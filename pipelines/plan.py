@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.model_source import check_model_source, gives_itm, weights_sha256
+from capfilt.model_source import (
+    check_generation_length,
+    check_model_source,
+    gives_itm,
+    weights_sha256,
+)
 from capfilt.round_folder import finished_shard, plan_path, sweep_temporaries
 from capfilt.shard_reader import ReaderOptions, expand_inputs
 from capfilt.stage_config import StageConfig
@@ -86,6 +91,8 @@ def plan_round(options: RoundOptions) -> RoundPlan:
             raise PlanError(f"--round {options.round} must come after the parent's round "
                             f"{parent.round}")
     check_model_source(options.stage.captioner, "captioner")
+    sampling = options.stage.sampling
+    check_generation_length(options.stage.captioner, sampling.max_new_tokens, sampling.prompt)
     check_model_source(options.stage.filter, "filter")
     policy = options.stage.policy
     if not gives_itm(options.stage.filter) and (policy.mode, policy.rank_by) != ("topk", "itc"):

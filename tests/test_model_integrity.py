@@ -223,6 +223,19 @@ def test_max_new_tokens_beyond_the_text_positions_is_refused(loaded, tiny_models
         check_generation_length(str(blip2), 89)
 
 
+def test_capfilt_run_refuses_max_new_tokens_beyond_the_positions_before_any_work(
+    tiny_models, tmp_path, capsys
+):
+    """Before any work, so no plan.json pins the bad setting and the corrected rerun runs."""
+    inputs, output = tmp_path / "in", tmp_path / "round"
+    write_sample_shards(inputs, shards=1, rows=4)
+    code = main(["run", "--input", str(inputs), "--output", str(output), "--max-new-tokens",
+                 "61", "--captioner", str(tiny_models["captioner"]),
+                 "--filter", str(tiny_models["filter"])])
+    assert code == 2 and "--max-new-tokens 60 or fewer" in one_line_error(capsys)
+    assert not (output / "plan.json").exists()
+
+
 # --- texts cut before tokenising --------------------------------------------------------
 
 

@@ -30,9 +30,9 @@ def test_webdataset_tars_read_with_webdataset(url_list_round):
     expected = kept_rows(round_dir)
     manifest = read_manifest(str(round_dir))
     [shard] = manifest.shards
-    assert shard.webdataset == str(round_dir / "webdataset" / "00000.tar")
+    assert shard.webdataset == "webdataset/00000.tar"  # relative to the round folder
     assert shard.webdataset_samples == len(expected) > 0
-    samples = list(wds.WebDataset(shard.webdataset, shardshuffle=False).decode())
+    samples = list(wds.WebDataset(str(round_dir / shard.webdataset), shardshuffle=False).decode())
     assert sorted(s["__key__"] for s in samples) == sorted(expected)
     for sample in samples:
         row, meta = expected[sample["__key__"]], sample["json"]

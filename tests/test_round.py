@@ -223,7 +223,7 @@ def test_command_line_end_to_end(tmp_path, img2dataset_parquet, capsys, monkeypa
     assert ran.returncode == 0, ran.stderr
     assert "round 1: complete" in ran.stdout and "shards 4/4 done" in ran.stderr
     capsys.readouterr()
-    monkeypatch.chdir(tmp_path)  # the round's manifest names its files as the run was given them
+    monkeypatch.chdir(tmp_path)  # validate reads the folder it is given, from where it is run
     assert main(["validate", "R"]) == 0
     assert "every input row accounted for" in capsys.readouterr().out
 
