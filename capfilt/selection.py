@@ -6,9 +6,34 @@ can change without rescoring anything.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 WEB, SYNTHETIC = "web", "synthetic"
+
+
+def check_whole(name: str, value, least: int) -> None:
+    """Refuse a count that is not a whole number of at least ``least``, naming its flag: a
+    setting the manifest's schema refuses must stop the run before any work, not at commit."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} {value!r}: use a whole number of at least {least}")
+
+
+def check_number(name: str, value, low: float, high: float | None = None,
+                 low_open: bool = False) -> None:
+    """Refuse a number outside [low, high] (``low_open``: above ``low``), naming its flag."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = number and math.isfinite(value) and (value > low if low_open else value >= low)
+    if not inside or (high is not None and value > high):
+        lower = f"above {low:g}" if low_open else f"from {low:g}"
+        upper = f" to {high:g}" if high is not None else " up"
+        raise ValueError(f"{name} {value!r}: use a number {lower}{upper}")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """Refuse a value that is not one of ``choices``, naming its flag."""
+    if value not in choices:
+        raise ValueError(f"{name} {value!r}: use one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -24,14 +49,11 @@ class Policy:
     rank_by: str = "itm"  # "itm" | "itc"
 
     def __post_init__(self):
-        if self.mode not in ("threshold", "topk", "both"):
-            raise ValueError(f"policy mode {self.mode!r}: use threshold, topk or both")
-        if self.rank_by not in ("itm", "itc"):
-            raise ValueError(f"rank_by {self.rank_by!r}: use itm or itc")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold {self.threshold} is not a probability")
-        if self.top_k < 1:
-            raise ValueError("top_k must be at least 1")
+        """The bounds of ``manifests/round.schema.json``'s policy, checked before any work."""
+        check_choice("--policy (policy mode)", self.mode, ("threshold", "topk", "both"))
+        check_choice("--rank-by", self.rank_by, ("itm", "itc"))
+        check_number("--threshold", self.threshold, 0.0, 1.0)
+        check_whole("--keep (policy top_k)", self.top_k, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

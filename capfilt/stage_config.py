@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from capfilt.selection import Policy
+from capfilt.selection import Policy, check_choice, check_number, check_whole
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,24 @@ class SamplingConfig:
     num_beams: int = 3
 
     def __post_init__(self):
-        if self.method not in ("nucleus", "beam"):
-            raise ValueError(f"sampling method {self.method!r}: use 'nucleus' or 'beam'")
+        """The bounds of ``manifests/round.schema.json``'s sampling, checked before any work."""
+        check_choice("--method", self.method, ("nucleus", "beam"))
+        check_whole("--num-captions", self.num_captions, 0)
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"--prompt {self.prompt!r}: use a string")
+        check_number("--top-p", self.top_p, 0, 1, low_open=True)
+        if self.top_k is not None:
+            check_whole("--top-k", self.top_k, 0)
+        check_number("--repetition-penalty", self.repetition_penalty, 0, low_open=True)
+        check_whole("--max-new-tokens", self.max_new_tokens, 1)
+        check_whole("--min-new-tokens", self.min_new_tokens, 0)
+        check_whole("--num-beams", self.num_beams, 1)
         if self.method == "beam" and self.num_captions > self.num_beams:
-            raise ValueError("beam search returns at most num_beams captions per image")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p {self.top_p} is not in (0, 1]")
+            raise ValueError(f"--num-captions {self.num_captions}: beam search returns at most "
+                             f"--num-beams ({self.num_beams}) captions per image")
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens is larger than max_new_tokens")
+            raise ValueError(f"--min-new-tokens {self.min_new_tokens} is larger than "
+                             f"--max-new-tokens {self.max_new_tokens}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +68,16 @@ class StageConfig:
     decode_threads: int = 2
     decode_processes: int = 0  # > 0: decode in processes, not threads (GPU workers)
     attention: str = "sdpa"  # "eager": Hugging Face's own BLIP attention modules
+
+    def __post_init__(self):
+        """Settings a worker would only trip on after loading its models: refused here."""
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed {self.seed!r}: use a whole number")
+        check_choice("--dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("--itm-token", self.itm_token, ("enc", "cls"))
+        check_choice("attention", self.attention, ("sdpa", "eager"))
+        check_whole("decode_threads", self.decode_threads, 1)
+        check_whole("decode_processes", self.decode_processes, 0)
 
     def to_dict(self) -> dict:
         return asdict(self)

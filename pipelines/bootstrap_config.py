@@ -17,11 +17,16 @@ Top-level keys name the data and where models start; one table per step sets tha
 
 from __future__ import annotations
 
+import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from capfilt.models import DTYPES
+from capfilt.selection import Policy, check_whole
+from capfilt.stage_config import SamplingConfig
 from capfilt.train.build import check_queue_size
 from capfilt.train.loop import TrainConfig
 from pipelines.train import uneven_shares
@@ -53,8 +58,19 @@ class RoundSettings:
     dtype: str = "float32"  # the round's models; "bfloat16" on a GPU
 
     def __post_init__(self):
+        """Refused when the file is read, not when the round starts after hours of training."""
         if self.dtype not in DTYPES:
             raise BootstrapConfigError(f"[round] dtype = {self.dtype!r}: use one of {sorted(DTYPES)}")
+        try:
+            check_whole("batch_size", self.batch_size, 1)
+            if self.workers is not None:
+                check_whole("workers", self.workers, 1)
+            SamplingConfig(num_captions=self.num_captions, top_p=self.top_p,
+                           max_new_tokens=self.max_new_tokens)
+            Policy(mode=self.policy, threshold=self.threshold, top_k=self.top_k,
+                   rank_by=self.rank_by)
+        except ValueError as exc:
+            raise BootstrapConfigError(f"[round] {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,13 @@ class EvalSettings:
         if self.models not in ("finetuned", "pretrained"):
             raise BootstrapConfigError(
                 f"[eval] models = {self.models!r}: use 'finetuned' or 'pretrained'")
+        try:
+            for name in ("k", "num_beams", "max_new_tokens"):
+                check_whole(name, getattr(self, name), 1)
+            if self.limit is not None:
+                check_whole("limit", self.limit, 1)
+        except ValueError as exc:
+            raise BootstrapConfigError(f"[eval] {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,10 @@ class BootstrapConfig:
     parallel: int = 1
 
     def __post_init__(self):
+        try:
+            check_whole("rounds", self.rounds, 0)
+        except ValueError as exc:
+            raise BootstrapConfigError(str(exc)) from exc
         if self.ablation and self.rounds < 1:
             raise BootstrapConfigError("ablation = true needs rounds >= 1 (its rows train on round 1)")
         if self.parallel < 1:
@@ -121,71 +148,123 @@ class BootstrapConfig:
 
 
 STEP_EXTRAS = ("negative_mix", "workers", "device")
+TABLES = ("pretrain", "finetune_captioner", "finetune_filter", "round", "eval")
+PATH_LISTS = ("clean", "web", "test")
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _step(table: dict, name: str, seed: int) -> StepTraining:
+def _accepted(hint) -> tuple[type, ...]:
+    """The TOML value types a field's annotation takes (``int | None``: an integer; TOML has no
+    null); none for fields that are tables or lists, which are checked where they are read."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted(arg))
+    return {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(hint, ())
+
+
+def _check_types(cls, table: dict, where: str) -> None:
+    """Refuse, never coerce, a value of the wrong type (``batch_size = 1.9`` is not 1, and
+    ``true`` is no integer although Python's bool is one)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        accepted = _accepted(hints.get(key))
+        if not accepted:
+            continue
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            expected = " or ".join(dict.fromkeys(TYPE_NAMES[t] for t in accepted
+                                                 if not (t is int and float in accepted)))
+            raise BootstrapConfigError(f"{where}{key} = {value!r}: expected {expected}")
+
+
+def _table(data: dict, name: str, path: Path) -> dict:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise BootstrapConfigError(f"{path}: {name} = {table!r}: expected a table [{name}]")
+    return table
+
+
+def _step(table: dict, name: str, seed: int, path: Path) -> StepTraining:
     known = {f.name for f in fields(TrainConfig)} | set(STEP_EXTRAS)
     unknown = sorted(set(table) - known)
     if unknown:
         raise BootstrapConfigError(f"[{name}]: unknown keys {unknown}; known: {sorted(known)}")
     extras = {k: table[k] for k in STEP_EXTRAS if k in table}
     settings = {k: v for k, v in table.items() if k not in STEP_EXTRAS}
+    _check_types(TrainConfig, settings, f"{path}: [{name}] ")
+    _check_types(StepTraining, extras, f"{path}: [{name}] ")
     settings.setdefault("seed", seed)
     if "steps" not in settings:
         raise BootstrapConfigError(f"[{name}]: steps is required")
-    return StepTraining(TrainConfig(**settings), **extras)
+    try:
+        return StepTraining(TrainConfig(**settings), **extras)
+    except ValueError as exc:
+        raise BootstrapConfigError(f"{path}: [{name}] {exc}") from exc
 
 
-def _plain(cls, table: dict, name: str):
+def _plain(cls, table: dict, name: str, path: Path):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)
     if unknown:
         raise BootstrapConfigError(f"[{name}]: unknown keys {unknown}; known: {sorted(known)}")
+    _check_types(cls, table, f"{path}: [{name}] ")
     return cls(**table)
 
 
-def _paths(value, key: str, base: Path) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else list(value or [])
-    return tuple(item if "://" in item or Path(item).is_absolute() else str(base / item)
-                 for item in items)
+def _paths(value, key: str, base: Path, path: Path) -> tuple[str, ...]:
+    """A path or a list of paths; ``~`` is the user's home, relative ones are from ``base``."""
+    items = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise BootstrapConfigError(f"{path}: {key} = {value!r}: expected a path or a list of paths")
+    return tuple(_local_path(item, key, base, path) for item in items)
+
+
+def _local_path(item: str, key: str, base: Path, path: Path) -> str:
+    if "://" in item:
+        return item
+    expanded = os.path.expanduser(item)
+    if expanded.startswith("~"):
+        raise BootstrapConfigError(f"{path}: {key} = {item!r}: no such user's home folder; "
+                                   "give the path in full")
+    return expanded if Path(expanded).is_absolute() else str(base / expanded)
 
 
 def load_bootstrap_config(path: str | Path) -> BootstrapConfig:
     """Read a bootstrap TOML; relative paths are taken from the file's folder."""
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BootstrapConfigError(f"{path}: {exc}") from exc
     base = path.parent
-    seed = int(data.get("seed", 0))
     known = {f.name for f in fields(BootstrapConfig)}
     unknown = sorted(set(data) - known)
     if unknown:  # a misspelt key would otherwise leave its default in force, unseen
         raise BootstrapConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
-    try:
-        for key in ("output", "clean", "web", "init"):
-            if key not in data:
-                raise BootstrapConfigError(f"{path}: {key} is required")
-        init = data["init"]
-        if init.startswith("scratch:") and not Path(init[8:]).is_absolute():
-            init = "scratch:" + str(base / init[8:])
-        return BootstrapConfig(
-            output=_paths(data["output"], "output", base)[0],
-            clean=_paths(data["clean"], "clean", base),
-            web=_paths(data["web"], "web", base),
-            test=_paths(data.get("test"), "test", base),
-            init=init,
-            rounds=int(data.get("rounds", 1)),
-            ablation=bool(data.get("ablation", False)),
-            parallel=int(data.get("parallel", 1)),
-            seed=seed,
-            vision_init=data.get("vision_init"),
-            pretrain=_step(data.get("pretrain", {}), "pretrain", seed),
-            finetune_captioner=_step(data.get("finetune_captioner", {}), "finetune_captioner", seed),
-            finetune_filter=_step(data.get("finetune_filter", {}), "finetune_filter", seed),
-            round=_plain(RoundSettings, data.get("round", {}), "round"),
-            eval=_plain(EvalSettings, data.get("eval", {}), "eval"),
-        )
-    except TypeError as exc:
-        raise BootstrapConfigError(f"{path}: {exc}") from exc
+    for key in ("output", "clean", "web", "init"):
+        if key not in data:
+            raise BootstrapConfigError(f"{path}: {key} is required")
+    scalars = {k: v for k, v in data.items() if k not in TABLES and k not in PATH_LISTS}
+    _check_types(BootstrapConfig, scalars, f"{path}: ")
+    seed = data.get("seed", 0)
+    init = data["init"]
+    if init.startswith("scratch:"):
+        init = "scratch:" + _local_path(init[8:], "init", base, path)
+    elif init.startswith("~"):
+        init = _local_path(init, "init", base, path)
+    tables = {name: _table(data, name, path) for name in TABLES}
+    return BootstrapConfig(
+        output=_paths(data["output"], "output", base, path)[0],
+        clean=_paths(data["clean"], "clean", base, path),
+        web=_paths(data["web"], "web", base, path),
+        test=_paths(data.get("test"), "test", base, path),
+        init=init,
+        rounds=data.get("rounds", 1),
+        ablation=data.get("ablation", False),
+        parallel=data.get("parallel", 1),
+        seed=seed,
+        vision_init=data.get("vision_init"),
+        pretrain=_step(tables["pretrain"], "pretrain", seed, path),
+        finetune_captioner=_step(tables["finetune_captioner"], "finetune_captioner", seed, path),
+        finetune_filter=_step(tables["finetune_filter"], "finetune_filter", seed, path),
+        round=_plain(RoundSettings, tables["round"], "round", path),
+        eval=_plain(EvalSettings, tables["eval"], "eval", path),
+    )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 
 EXAMPLES = """examples:
   capfilt demo --output runs/demo
@@ -103,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     subparser = parser._subparsers._group_actions[0].choices[args.command]
     if args.config:
-        origin, values = load_config(args.config)
+        origin, values = load_config(home_path("config", args.config))
         apply_config(subparser, origin, values)
         args = parser.parse_args(argv)
     missing = [name for name in REQUIRED.get(args.command, ()) if getattr(args, name) is None]
@@ -114,7 +118,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if missing:
         flags = ", ".join(f"--{m}" for m in missing)
         subparser.error(f"missing {flags} (give the flag, or the key in a --config file)")
+    expand_home(args)
     return args
+
+
+# Flags (and their config keys) that take paths, in any command.
+PATH_DESTS = ("config", "input", "output", "url_list", "download_to", "parent", "captioner",
+              "filter", "round_dir", "dir", "data", "init", "bootstrap_config", "checkpoint",
+              "out", "processor_from", "judge")
+PATH_PREFIXES = ("scratch:", "world:")  # --init scratch:FOLDER, --judge world:FOLDER
+
+
+def expand_home(args: argparse.Namespace) -> None:
+    """``~`` is the user's home wherever a path is taken, as the shell would have made it: a
+    quoted ``--output '~/x'`` or a path in a config file is never a folder named ``~``."""
+    for dest in PATH_DESTS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            setattr(args, dest, home_path(dest, value))
+        elif isinstance(value, list):
+            setattr(args, dest, [home_path(dest, item) for item in value])
+
+
+def home_path(dest: str, value: str) -> str:
+    """``value`` with a leading ``~`` (after any ``scratch:``-like prefix) expanded; a home that
+    cannot be found is refused rather than taken as a folder name."""
+    from pipelines.config import ConfigError
+
+    prefix = next((p for p in PATH_PREFIXES if value.startswith(p)), "")
+    rest = value[len(prefix):]
+    if not rest.startswith("~"):
+        return value
+    expanded = os.path.expanduser(rest)
+    if expanded.startswith("~"):
+        raise ConfigError(f"--{dest.replace('_', '-')} {value}: no such user's home folder; "
+                          "give the path in full")
+    return prefix + expanded
 
 
 def resolved_settings(args: argparse.Namespace) -> dict:
@@ -179,7 +218,9 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def round_options(args: argparse.Namespace):
-    from capfilt.selection import Policy
+    """The round ``args`` ask for; every setting is checked here, before any work (a setting
+    the manifest's schema refuses would otherwise fail the round at its commit)."""
+    from capfilt.selection import Policy, check_whole
     from capfilt.shard_reader import ReaderOptions
     from capfilt.stage_config import SamplingConfig, StageConfig
     from pipelines.plan import RoundOptions
@@ -197,10 +238,15 @@ def round_options(args: argparse.Namespace):
                         itm_token=args.itm_token)
     reader = ReaderOptions(image_column=args.image_column, caption_column=args.caption_column,
                            key_column=args.key_column, url_column=args.url_column)
+    check_whole("--batch-size", args.batch_size, 1)
+    if args.workers is not None:
+        check_whole("--workers", args.workers, 1)
+    if args.round is not None:
+        check_whole("--round", args.round, 0)
+    number = args.round if args.round is not None else _next_round(args.parent)
     return RoundOptions(inputs=args.input, output=args.output, stage=stage,
                         batch_size=args.batch_size, workers=args.workers, address=args.address,
-                        settings=resolved_settings(args),
-                        reader=reader, round=args.round or _next_round(args.parent),
+                        settings=resolved_settings(args), reader=reader, round=number,
                         parent=args.parent, write=tuple(sorted(set(args.write))))
 
 
@@ -238,11 +284,16 @@ def print_summary(manifest, output: str) -> None:
 def command_run(args) -> int:
     from pipelines.round import run_round
 
+    options = round_options(args)  # settings refused before the download, too
+    if args.address and not args.dry_run:  # before any work: a wrong address is a usage error
+        from pipelines.dispatch import wait_for_cluster
+
+        wait_for_cluster(args.address)
     if args.url_list and not args.dry_run:
         from pipelines.download import download_for_run
 
         args.input = download_for_run(args)
-    options = round_options(args)
+        options = round_options(args)
     if args.dry_run:
         from pipelines.config import to_toml
 
@@ -299,6 +350,66 @@ COMMANDS = {"run": command_run, "report": command_report, "demo": command_demo, 
             "tiny-models": command_tiny_models}
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the command: it ends with one line, not a traceback."""
+
+
+# What a stopped command keeps, and how to go on.
+STOPPED = {
+    "run": "shards committed so far are kept; run the same command again to finish the round",
+    "bootstrap": "finished steps are kept; run the same command again to go on from them",
+    "pretrain": "checkpoints are kept; run the same command again to resume from the last",
+    "finetune": "checkpoints are kept; run the same command again to resume from the last",
+}
+
+
+# The signal last received: Ray's blocking calls turn any exception a handler raises while
+# they wait into a plain KeyboardInterrupt, which no longer says which signal it was.
+RECEIVED: list[int] = []
+
+
+def _stop(signum: int, frame) -> None:
+    RECEIVED.append(signum)
+    raise Stopped(signal.Signals(signum).name)
+
+
+def catch_signals() -> dict:
+    """Route SIGINT and SIGTERM to ``Stopped`` (one left ignored, by nohup say, stays ignored);
+    returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in before.items():
+        if handler in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _stop)
+    return before
+
+
+def stopped(command: str, signum: int) -> int:
+    """Shut down the Ray this command started (its workers with it), say so, and return the
+    shell's code for death by ``signum`` (130 for SIGINT, 143 for SIGTERM)."""
+    from capfilt.terminal import terminal_safe
+
+    for other in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt this
+        signal.signal(other, signal.SIG_IGN)
+    dispatch = sys.modules.get("pipelines.dispatch")
+    if dispatch is not None and dispatch.started_ray():
+        dispatch.stop_ray()
+    what = STOPPED.get(command, "run the same command again")
+    print(terminal_safe(f"capfilt: stopped by {signal.Signals(signum).name}: {what}"),
+          file=sys.stderr)
+    return 128 + signum
+
+
+def no_space_line(exc: OSError, args: argparse.Namespace) -> str:
+    """One line for a disk that filled up mid-command: the folder, and what to do."""
+    if exc.strerror and exc.strerror.startswith("no space left on device in "):
+        return exc.strerror  # the dispatcher's own account (pipelines.dispatch.DiskFullError)
+    folder = getattr(args, "output", None) or exc.filename or "the output folder"
+    return (f"no space left on device writing {folder}; free some space there and run the "
+            "same command again (what was finished is kept)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -313,6 +424,24 @@ def main(argv: list[str] | None = None) -> int:
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 2
     configure_logging(args.log_level)
+    # A log file on a full disk must not print a traceback per record (the error is reported
+    # once, by run_command).
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
+    handlers = catch_signals()
+    RECEIVED.clear()
+    try:
+        return run_command(args)
+    except KeyboardInterrupt:
+        return stopped(args.command, RECEIVED[-1] if RECEIVED else signal.SIGINT)
+    finally:
+        logging.raiseExceptions = raising
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command's exit code; errors that are the user's to fix print one line."""
+    from capfilt.terminal import terminal_safe
     from manifests import ManifestError
 
     try:
@@ -320,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, ValueError) as exc:  # PlanError, ModelSourceError: ValueErrors
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(terminal_safe(f"capfilt: error: {no_space_line(exc, args)}"), file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         # Looked up, not imported: pipelines.dispatch loads Ray, which commands that only
         # read files (validate, report, lineage) should not wait for; and only a loaded

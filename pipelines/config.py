@@ -63,19 +63,46 @@ def apply_config(parser: argparse.ArgumentParser, origin: str, values: dict[str,
         if action is None:
             known = ", ".join(sorted(actions))
             raise ConfigError(f"{origin}: unknown key {key!r}; this command takes: {known}")
-        if action.nargs == "+" and isinstance(value, str):
-            value = [value]
-        if action.choices is not None and value not in action.choices:
-            raise ConfigError(f"{origin}: {key} = {value!r}; choose one of "
-                              f"{', '.join(map(str, action.choices))}")
-        if action.type is not None and not isinstance(value, list):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{origin}: {key} = {value!r} is not a valid "
-                                  f"{action.type.__name__}") from exc
-        values[key] = value
+        values[key] = _typed(action, origin, key, value)
     parser.set_defaults(**values)
+
+
+EXPECTED = {int: ("int", "a whole number without quotes"),
+            float: ("float", "a number without quotes"),
+            str: ("string", "text in quotes"),
+            bool: ("bool", "true or false")}
+
+
+def _typed(action: argparse.Action, origin: str, key: str, value: Any) -> Any:
+    """``value`` as the flag would have given it; a TOML value of another type is refused,
+    never coerced (``batch_size = 1.9`` is not 1, and ``true`` is not an int in a config)."""
+    if action.nargs == 0:  # store_true / store_false: the value is the flag's result
+        return _checked(bool, None, origin, key, value)
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        # One string where a list is expected is a one-item list: nothing else could be meant.
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{origin}: {key} = {value!r} is not a valid list; expected "
+                              "a string or a list of them in brackets")
+        return [_checked(action.type or str, action.choices, origin, key, item) for item in items]
+    return _checked(action.type or str, action.choices, origin, key, value)
+
+
+def _checked(kind, choices, origin: str, key: str, value: Any) -> Any:
+    if kind not in EXPECTED:  # a flag with its own parser: it says what is wrong
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{origin}: {key} = {value!r} is not valid ({exc})") from exc
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+        name, form = EXPECTED[kind]
+        raise ConfigError(f"{origin}: {key} = {value!r} is not a valid {name}; write it as "
+                          f"{form}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{origin}: {key} = {value!r}; choose one of "
+                          f"{', '.join(map(str, choices))}")
+    return float(value) if kind is float else value
 
 
 def to_toml(settings: dict[str, Any]) -> str:

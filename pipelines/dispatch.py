@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
+import socket
+import threading
+import time
 from collections import deque
 from dataclasses import replace
 from typing import Callable
@@ -20,21 +25,114 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # runs of one shard, on workers that died under it
 MAX_STARTS = 3  # replacements for one worker that die before their models are loaded
+# How long ``--address`` may take to answer: Ray itself retries an address where nothing
+# listens for minutes, printing a warning every few seconds.
+CONNECT_SECONDS = 15.0
+
+
+_STARTED = False  # whether ensure_ray connected this process (not a caller's own ray.init)
+
+
+def started_ray() -> bool:
+    return _STARTED and ray.is_initialized()
+
+
+def stop_ray() -> None:
+    """Disconnect, and stop the local Ray ``ensure_ray`` started, with its workers."""
+    global _STARTED
+    ray.shutdown()
+    _STARTED = False
+
+
+class ClusterUnreachable(ValueError):
+    """``--address`` names no Ray cluster that answers: nothing was run."""
 
 
 def ensure_ray(address: str | None) -> None:
     """Join ``address`` (``auto``: the cluster ``ray start`` made here) or start a private one.
 
     Without ``--address`` Ray is started for this run alone ("local"): a plain ``ray.init()``
-    would quietly join whatever cluster ``ray start`` last left on the machine.
+    would quietly join whatever cluster ``ray start`` last left on the machine. A SIGTERM
+    handler the caller set (the command line's) is kept: ``ray.init`` replaces it with its own.
     """
+    global _STARTED
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address:
+            wait_for_cluster(address)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+            except ConnectionError as exc:
+                raise ClusterUnreachable(f"--address {address}: {exc}") from exc
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                     configure_logging=False)
+        _STARTED = True
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def wait_for_cluster(address: str, seconds: float = CONNECT_SECONDS) -> None:
+    """Return once something listens at ``address``; give up after ``seconds``, clearly."""
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
+        return  # "auto" with no cluster recorded: ray.init says so at once
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(endpoint, timeout=min(2.0, seconds)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterUnreachable(
+                    f"--address {address}: no Ray cluster answered at "
+                    f"{endpoint[0]}:{endpoint[1]} within {seconds:.0f} s "
+                    f"({exc.strerror or exc}); start one there with `ray start --head`, or "
+                    "leave --address out to run on this machine alone") from exc
+        time.sleep(0.5)
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``address`` names: HOST:PORT, ray://HOST[:PORT], or ``auto`` (the
+    cluster ``ray start`` recorded on this machine; None when there is none)."""
+    if address.startswith("ray://"):
+        hostport = address[len("ray://"):].split("/")[0]
+        if not hostport.rpartition(":")[2].isdigit():
+            hostport += ":10001"  # Ray Client's default port
+    elif address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        hostport = canonicalize_bootstrap_address("auto")
+        if hostport is None:
+            return None
     else:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=False)
+        hostport = address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"--address {address}: use HOST:PORT, ray://HOST:PORT or auto")
+    return host.strip("[]"), int(port)
+
+
+def no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` is a full disk (pyarrow's writers raise it without an errno)."""
+    return isinstance(error, OSError) and (
+        error.errno == errno.ENOSPC or "No space left on device" in str(error))
+
+
+class DiskFullError(OSError):
+    """The round's disk filled up: shards failed writing and no further shard was started;
+    the committed ones stay, and the same command finishes the round once there is room."""
+
+    def __init__(self, folder: str, committed: int, failed: int, not_started: int):
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on device in {folder}: {committed} shards committed in this run, "
+            f"{failed} failed writing, {not_started} not started; free some space and run the "
+            "same command again to finish the round", folder)
 
 
 def dispatch(
@@ -91,10 +189,11 @@ def dispatch(
     running: dict = {}
     starting: dict = {}  # describe() refs of replacements still loading
     failed_start: Exception | None = None
+    full: list[OSError] = []  # shards that could not be written: the disk is full
     results: list[ShardResult] = []
     unreported: list[ShardResult] = []
     while queue or running:
-        while queue and idle:
+        while queue and idle and not full:
             label, actor = idle.popleft()
             index, path, attempt = queue.popleft()
             ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt,
@@ -138,15 +237,23 @@ def dispatch(
                 continue
             result = _failed(index, path, attempt, f"worker died {attempt} times: {exc}")
         except RayTaskError as exc:
-            log.error("shard %05d raised: %s", index, exc)
             idle.append((label, actor))
             result = _failed(index, path, attempt, f"{type(exc.cause).__name__}: {exc.cause}")
+            if no_space(exc.cause):
+                full.append(exc.cause)
+                log.error("shard %05d: no space left on device in %s; no further shard is "
+                          "started", index, round_dir)
+            else:
+                log.error("shard %05d raised: %s", index, exc)
         results.append(result)
         unreported.append(result)
     for result in unreported:
         on_result(result)
     for actor in [actor for _, actor in idle] + [actor for _, actor, _ in starting.values()]:
         ray.kill(actor)
+    if full:
+        committed = sum(r.status == ShardStatus.DONE for r in results)
+        raise DiskFullError(round_dir, committed, len(full), len(queue)) from full[0]
     if queue:  # every worker is gone and none could be started in its place
         raise WorkerStartError(
             f"no worker left: replacements could not start {MAX_STARTS} times in a row "
