@@ -418,7 +418,7 @@ def _sample_row(key: str, parts: dict[str, bytes]) -> dict:
             return _unusable(row, "invalid_metadata", f"{key}.json is not usable JSON ({exc})")
         if not isinstance(meta, dict):
             return _unusable(row, "invalid_metadata",
-                             f"{key}.json holds a {type(meta).__name__}, not an object")
+                             f"{key}.json holds {_json_kind(meta)}, not an object")
     if isinstance(meta.get("key"), (str, int)) and not isinstance(meta.get("key"), bool):
         row["key"] = str(meta["key"]) or key
     row["url"] = meta.get("url") if isinstance(meta.get("url"), str) else None
@@ -428,8 +428,16 @@ def _sample_row(key: str, parts: dict[str, bytes]) -> dict:
         row["caption"] = meta.get("caption")
     else:
         return _unusable(row, "invalid_caption",
-                         f"{key}.json's caption is a {type(meta['caption']).__name__}, not text")
+                         f"{key}.json's caption is {_json_kind(meta['caption'])}, not text")
     return row
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number",
+             float: "a number"}
+    return kinds.get(type(value), "null")
 
 
 def _unusable(row: dict, reason: str, message: str) -> dict:
