@@ -80,6 +80,17 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
     return LoadedModel(model, processor, torch.device(device), torch_dtype)
 
 
+def from_pretrained_checked(model_class: type, source: str, role: str) -> torch.nn.Module:
+    """``model_class.from_pretrained(source)`` that refuses weights not filling the model: a
+    training started from an incomplete checkpoint would otherwise train random layers."""
+    model, info = model_class.from_pretrained(
+        source, local_files_only=Path(source).is_dir(), output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
+    check_loading_info(info, f"{role} model {source}", model_class.__name__)
+    return model
+
+
 def check_loading_info(info: dict, what: str, class_name: str) -> None:
     """Refuse weights that do not fill the model exactly: transformers would initialise what is
     missing at random and run on with a warning in a worker's log. What it knows to be absent

@@ -23,6 +23,7 @@ from capfilt.sample_shards import write_sample_shards
 from capfilt.scorer import MAX_TEXT_TOKENS, Scorer
 from capfilt.scorers import make_scorer
 from capfilt.stage_config import SamplingConfig
+from capfilt.train.build import build_task
 from pipelines.cli import main
 from tests.test_blip2_scorer import blip2_filter  # noqa: F401  (a fixture)
 from tests.test_clip_scorer import clip_filter  # noqa: F401  (a fixture)
@@ -199,6 +200,27 @@ def test_a_config_of_the_wrong_shape_is_one_line(text, message, tiny_models, tmp
     code = main(["run", "--input", str(inputs), "--output", str(tmp_path / "round"),
                  "--captioner", str(tiny_models["captioner"]), "--filter", str(folder)])
     assert code == 2 and message in one_line_error(capsys)
+
+
+def test_training_refuses_to_start_from_weights_that_do_not_fill_the_model(
+    tiny_models, tmp_path, capsys
+):
+    """A fine-tune or a continued pre-training would otherwise train random layers."""
+    broken = variant(tiny_models["captioner"], tmp_path / "pair" / "captioner",
+                     weights=without("text_decoder.bert.encoder.layer.1."))
+    shutil.copytree(tiny_models["filter"], tmp_path / "pair" / "filter")
+    for task in ("captioner", "pretrain"):
+        with pytest.raises(ModelSourceError, match=r"captioner model .*: its weights do not "
+                                                   r"match BlipForConditionalGeneration: missing"):
+            build_task(task, str(tmp_path / "pair"))
+    assert build_task("filter", str(tmp_path / "pair")).init_sources == {
+        "filter": str(tmp_path / "pair" / "filter")}
+    inputs = tmp_path / "clean"
+    write_sample_shards(inputs, shards=1, rows=4)
+    code = main(["finetune", "--as", "captioner", "--init", str(tmp_path / "pair"), "--data",
+                 str(inputs), "--output", str(tmp_path / "out"), "--steps", "1",
+                 "--batch-size", "2"])
+    assert code == 2 and "missing" in one_line_error(capsys)
 
 
 # --- generation length ------------------------------------------------------------------

@@ -20,6 +20,8 @@ from transformers import (
     BlipProcessor,
 )
 
+from capfilt.models import from_pretrained_checked
+
 # What the decoder layer keeps for itself: BLIP skips modules whose name holds '/attention'.
 OWN_LAYER_PARTS = ("attention",)
 SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
@@ -69,16 +71,12 @@ class BlipPair(nn.Module):
         With only a filter, the decoder's own parts (self-attention, LM head transform) start
         fresh; with a captioner, they are taken from it.
         """
-        local = Path(filter_source).is_dir()
-        filter_model = BlipForImageTextRetrieval.from_pretrained(
-            filter_source, local_files_only=local
-        )
+        filter_model = from_pretrained_checked(BlipForImageTextRetrieval, filter_source, "filter")
         if captioner_source is None:
             captioner = BlipForConditionalGeneration(filter_model.config)
         else:
-            captioner = BlipForConditionalGeneration.from_pretrained(
-                captioner_source, local_files_only=Path(captioner_source).is_dir()
-            )
+            captioner = from_pretrained_checked(BlipForConditionalGeneration, captioner_source,
+                                                "captioner")
         return cls(filter_model, captioner)
 
     @property

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from capfilt.model_source import weights_sha256
+from capfilt.models import from_pretrained_checked
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.tasks import CaptionerTask, FilterTask, Objectives, PretrainTask
 from capfilt.train.timm_vision import blip_vision_config, load_timm_into
@@ -117,10 +118,10 @@ def _build(task: str, init: str, vision_init: str | None, seed: int,
     local = Path(main).is_dir()
     processor = BlipProcessor.from_pretrained(main, local_files_only=local)
     if task == "captioner":
-        model = BlipForConditionalGeneration.from_pretrained(main, local_files_only=local)
+        model = from_pretrained_checked(BlipForConditionalGeneration, main, "captioner")
         return BuiltTask(CaptionerTask(model, processor), processor, {"captioner": main})
     if task == "filter":
-        model = BlipForImageTextRetrieval.from_pretrained(main, local_files_only=local)
+        model = from_pretrained_checked(BlipForImageTextRetrieval, main, "filter")
         return BuiltTask(FilterTask(model, processor, objectives=objectives), processor,
                          {"filter": main})
     captioner = role_source(init, "captioner")
