@@ -25,9 +25,12 @@ def check_number(name: str, value, low: float, high: float | None = None,
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     inside = number and math.isfinite(value) and (value > low if low_open else value >= low)
     if not inside or (high is not None and value > high):
-        lower = f"above {low:g}" if low_open else f"from {low:g}"
-        upper = f" to {high:g}" if high is not None else " up"
-        raise ValueError(f"{name} {value!r}: use a number {lower}{upper}")
+        if high is None:
+            wanted = f"above {low:g}" if low_open else f"of at least {low:g}"
+        else:
+            wanted = (f"above {low:g} and at most {high:g}" if low_open
+                      else f"from {low:g} to {high:g}")
+        raise ValueError(f"{name} {value!r}: use a number {wanted}")
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:

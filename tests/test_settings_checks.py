@@ -149,7 +149,7 @@ def bootstrap_text(top: str = "", **tables: str) -> str:
     ("", {"round": "batch_size = 1.9"}, "[round] batch_size = 1.9: expected an integer"),
     ("", {"round": "threshold = '0.5'"}, "[round] threshold = '0.5': expected a number"),
     ("", {"round": "num_captions = -1"}, "[round] --num-captions -1: use a whole number"),
-    ("", {"round": "top_p = 0"}, "[round] --top-p 0: use a number above 0 to 1"),
+    ("", {"round": "top_p = 0"}, "[round] --top-p 0: use a number above 0 and at most 1"),
     ("", {"eval": "k = true"}, "[eval] k = True: expected an integer"),
     ("", {"pretrain": "lr = '1e-4'"}, "[pretrain] lr = '1e-4': expected a number"),
     ("", {"finetune_filter": "workers = 1.0"}, "[finetune_filter] workers = 1.0: expected an"),
