@@ -16,7 +16,6 @@ Temporary files start with "." (manifests/store.py), so dataset readers never li
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from capfilt.shard_reader import ShardReadError, input_fingerprint
 from manifests import ShardResult, ShardStatus, write_json_atomic
 from manifests.store import TEMPORARY, write_bytes_atomic
 
@@ -150,30 +150,8 @@ def same_input(result: ShardResult, input_path: str) -> bool:
         if info.get("type") != "file" or info.get("size") != result.input_bytes:
             return False
         return input_fingerprint(input_path) == (result.input_bytes, result.input_sha256)
-    except OSError:  # gone or unreadable: the shard runs again and says why
+    except (OSError, ShardReadError):  # gone or unreadable: the shard runs again, says why
         return False
-
-
-def input_fingerprint(url: str) -> tuple[int, str]:
-    """(bytes, sha256) of an input shard as capfilt.shard_reader.read_shard records them: a
-    tar's hash covers img2dataset's metadata parquet beside it, its size does not."""
-    digest = hashlib.sha256()
-    size = _hash_into(digest, url)
-    if url.endswith(".tar"):
-        try:
-            _hash_into(digest, url[: -len(".tar")] + ".parquet")
-        except FileNotFoundError:
-            pass
-    return size, digest.hexdigest()
-
-
-def _hash_into(digest, url: str) -> int:
-    size = 0
-    with fsspec.open(url, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return size
 
 
 def discard_shard(root: str, index: int) -> None:

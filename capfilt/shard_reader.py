@@ -182,7 +182,8 @@ def read_regular(url: str) -> bytes:
 
 
 def read_shard(url: str, options: ReaderOptions = ReaderOptions()) -> ShardData:
-    """Read one shard whole: bytes are hashed for the manifest, then parsed."""
+    """Read one shard whole: bytes are hashed for the manifest (``input_fingerprint``), then
+    parsed."""
     kind = shard_format(url)
     data = read_regular(url)
     digest = hashlib.sha256(data)
@@ -196,6 +197,33 @@ def read_shard(url: str, options: ReaderOptions = ReaderOptions()) -> ShardData:
             table = pa.concat_tables([table, _sidecar_failures(url, sidecar, table)])
     table = mark_missing_keys(table)
     return ShardData(table=table, sha256=digest.hexdigest(), nbytes=len(data), warnings=warnings)
+
+
+def input_fingerprint(url: str) -> tuple[int, str]:
+    """(bytes, sha256) of an input shard as ``read_shard`` records them, read a block at a
+    time: a tar's hash covers img2dataset's metadata parquet beside it, its size does not.
+    Reads are bounded as ``read_shard``'s are (regular files only, up to their size)."""
+    digest = hashlib.sha256()
+    size = _hash_into(digest, url)
+    if shard_format(url) == "webdataset":
+        try:
+            _hash_into(digest, url[: -len(".tar")] + ".parquet")
+        except ShardReadError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+    return size, digest.hexdigest()
+
+
+def _hash_into(digest, url: str) -> int:
+    with open_regular(url) as (handle, size):
+        left = size
+        while left > 0:
+            block = handle.read(min(left, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            left -= len(block)
+    return size - left
 
 
 def mark_missing_keys(table: pa.Table) -> pa.Table:

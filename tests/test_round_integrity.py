@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.pairs import pairs_table
-from capfilt.shard_reader import read_shard
+from capfilt.shard_reader import input_fingerprint, read_shard
 from capfilt.tiny import write_tiny_models
 from pipelines.cli import main
 from pipelines.plan import PlanError, plan_round
@@ -74,11 +74,29 @@ def test_a_changed_input_shard_runs_again(ray_local, tiny_models, inputs, tmp_pa
 
 def test_input_fingerprint_is_the_readers_hash(img2dataset_parquet, img2dataset_webdataset):
     """A tar's hash covers its img2dataset metadata parquet too, as the reader's does."""
-    from capfilt.round_folder import input_fingerprint
-
     for path in (img2dataset_parquet / "00000.parquet", img2dataset_webdataset / "00000.tar"):
         shard = read_shard(str(path))
         assert input_fingerprint(str(path)) == (shard.nbytes, shard.sha256)
+
+
+def test_the_resume_check_reads_only_regular_files(img2dataset_webdataset, tmp_path):
+    """A tar's metadata parquet swapped for a FIFO (or a link to /dev/zero) after a round: the
+    driver's resume check refuses it at once instead of blocking (or growing) forever."""
+    from tests.test_bounded_reads import run_limited
+
+    shutil.copy(img2dataset_webdataset / "00000.tar", tmp_path / "00000.tar")
+    os.mkfifo(tmp_path / "00000.parquet")
+    (tmp_path / "00001.parquet").symlink_to("/dev/zero")
+    shutil.copy(img2dataset_webdataset / "00000.tar", tmp_path / "00001.tar")
+    for name in ("00000.tar", "00001.tar"):
+        done = run_limited(f"""
+            from capfilt.shard_reader import ShardReadError, input_fingerprint
+            try:
+                input_fingerprint({str(tmp_path / name)!r})
+            except ShardReadError as exc:
+                print("refused:", exc)
+        """, timeout=30)
+        assert "not a regular file" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.fixture
