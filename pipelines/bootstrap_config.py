@@ -244,13 +244,23 @@ def load_bootstrap_config(path: str | Path) -> BootstrapConfig:
             raise BootstrapConfigError(f"{path}: {key} is required")
     scalars = {k: v for k, v in data.items() if k not in TABLES and k not in PATH_LISTS}
     _check_types(BootstrapConfig, scalars, f"{path}: ")
-    seed = data.get("seed", 0)
     init = data["init"]
     if init.startswith("scratch:"):
         init = "scratch:" + _local_path(init[8:], "init", base, path)
     elif init.startswith("~"):
         init = _local_path(init, "init", base, path)
     tables = {name: _table(data, name, path) for name in TABLES}
+    try:
+        return _build(data, path, base, init, tables)
+    except BootstrapConfigError as exc:  # every message names the file
+        if str(exc).startswith(str(path)):
+            raise
+        raise BootstrapConfigError(f"{path}: {exc}") from exc
+
+
+def _build(data: dict, path: Path, base: Path, init: str, tables: dict) -> BootstrapConfig:
+    """The config from values whose types were checked; each part checks its own ranges."""
+    seed = data.get("seed", 0)
     return BootstrapConfig(
         output=_paths(data["output"], "output", base, path)[0],
         clean=_paths(data["clean"], "clean", base, path),

@@ -155,9 +155,10 @@ def bootstrap_text(top: str = "", **tables: str) -> str:
     ("", {"finetune_filter": "workers = 1.0"}, "[finetune_filter] workers = 1.0: expected an"),
 ])
 def test_bootstrap_toml_values_are_typed_and_checked_when_read(tmp_path, top, tables, message):
+    path = write(tmp_path, bootstrap_text(top, **tables))
     with pytest.raises(BootstrapConfigError) as caught:
-        load_bootstrap_config(write(tmp_path, bootstrap_text(top, **tables)))
-    assert message in str(caught.value)
+        load_bootstrap_config(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
 
 
 def test_bootstrap_refusals_exit_2_and_a_single_path_is_a_list(tmp_path, capsys):
