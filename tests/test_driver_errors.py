@@ -31,12 +31,18 @@ def run_flags(models, inputs, output) -> list[str]:
             "--num-captions", "2", "--seed", "11", "--batch-size", "8", "--workers", "1"]
 
 
+def as_in_a_terminal() -> None:
+    """SIGINT as a terminal's foreground command has it (a shell's background job, which
+    pytest may be, passes it on ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_driver(flags: list[str], stderr) -> subprocess.Popen:
     """``python -m pipelines.cli ...`` in a session of its own, with a Ray of its own."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-                            cwd=Path(__file__).parents[1])
+                            preexec_fn=as_in_a_terminal, cwd=Path(__file__).parents[1])
 
 
 def wait_for(predicate, timeout: float = 240.0):
