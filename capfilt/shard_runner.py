@@ -6,6 +6,7 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,10 +30,13 @@ def run_shard(
     attempt: int = 1,
     worker: str | None = None,
     write: tuple[str, ...] = (),
+    on_rows: Callable[[int, int], None] = lambda done, total: None,
 ) -> ShardResult:
     """Process a whole shard and commit it; a shard that cannot be read comes back failed.
 
     ``write`` names extra views to write beside the parquet: ``("webdataset",)``.
+    ``on_rows(done, total)`` hears after each batch how many of the shard's input rows are
+    written or rejected (a shard of 100,000 rows runs for a while).
     """
     started = time.perf_counter()
     try:
@@ -46,9 +50,13 @@ def run_shard(
     table, duplicates = split_duplicate_keys(shard.table)
     outputs, rejects = [], [duplicates]
     spent = {"model": 0.0}
+    done = duplicates.num_rows
+    on_rows(done, shard.table.num_rows)
     for rows, rejected in overlapped(stage, table, batch_size, spent):
         outputs.append(rows)
         rejects.append(rejected)
+        done += rows.num_rows + rejected.num_rows
+        on_rows(done, shard.table.num_rows)
     rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
     rejected = pa.concat_tables(rejects)
     if rows.num_rows + rejected.num_rows != shard.table.num_rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -28,6 +29,8 @@ MAX_STARTS = 3  # replacements for one worker that die before their models are l
 # How long ``--address`` may take to answer: Ray itself retries an address where nothing
 # listens for minutes, printing a warning every few seconds.
 CONNECT_SECONDS = 15.0
+# How often the driver asks running workers how far their shards have come.
+ROWS_POLL_SECONDS = 2.0
 
 
 _STARTED = False  # whether ensure_ray connected this process (not a caller's own ray.init)
@@ -145,13 +148,15 @@ def dispatch(
     on_result: Callable[[ShardResult], None],
     write: tuple[str, ...] = (),
     on_worker: Callable[[int, str], None] = lambda label, state: None,
+    on_rows: Callable[[int, int, int], None] = lambda label, done, total: None,
 ) -> list[ShardResult]:
     """Run every shard in ``todo`` on worker actors and return their results.
 
     ``on_result`` hears of each finished shard once the freed worker has its next one, so a
     progress line drawn then shows what every worker is doing; ``on_worker(label, state)``
     hears each worker's state change (loading, shard NNNNN, idle, restarting, could not
-    start)."""
+    start); ``on_rows(label, done, total)``, every ``ROWS_POLL_SECONDS`` while no shard
+    finishes, how many of its shard's rows each busy worker has written or rejected."""
     if not todo:
         return []
     resources = ray.cluster_resources()
@@ -207,7 +212,10 @@ def dispatch(
         unreported.clear()
         if not running and not starting:
             break
-        ready, _ = ray.wait([*running, *starting], num_returns=1)
+        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=ROWS_POLL_SECONDS)
+        if not ready:
+            _ask_rows(running.values(), on_rows)
+            continue
         ref = ready[0]
         if ref in starting:
             label, actor, tries = starting.pop(ref)
@@ -215,7 +223,7 @@ def dispatch(
                 ray.get(ref)
                 idle.append((label, actor))
             except RayActorError as exc:
-                log.warning("worker %d could not start (try %d): %s", label, tries, exc)
+                log.warning("worker %d could not start (try %d): %s", label, tries, reason(exc))
                 if tries < MAX_STARTS:
                     fresh_worker(label, tries + 1)
                 else:
@@ -230,12 +238,12 @@ def dispatch(
             idle.append((label, actor))
         except RayActorError as exc:
             log.warning("worker %d died on shard %05d (attempt %d): %s", label, index, attempt,
-                        exc)
+                        reason(exc))
             fresh_worker(label, 1)
             if attempt < MAX_ATTEMPTS:
                 queue.append((index, path, attempt + 1))
                 continue
-            result = _failed(index, path, attempt, f"worker died {attempt} times: {exc}")
+            result = _failed(index, path, attempt, f"worker died {attempt} times: {reason(exc)}")
         except RayTaskError as exc:
             idle.append((label, actor))
             result = _failed(index, path, attempt, f"{type(exc.cause).__name__}: {exc.cause}")
@@ -257,9 +265,24 @@ def dispatch(
     if queue:  # every worker is gone and none could be started in its place
         raise WorkerStartError(
             f"no worker left: replacements could not start {MAX_STARTS} times in a row "
-            f"({failed_start}); {len(results)} shards finished and committed, {len(queue)} not "
-            "run; run the same command again to finish the round")
+            f"({reason(failed_start)}); {len(results)} shards finished and committed, "
+            f"{len(queue)} not run; run the same command again to finish the round")
     return results
+
+
+def _ask_rows(running, on_rows: Callable[[int, int, int], None]) -> None:
+    """Tell ``on_rows`` how far each running shard has come; a worker that does not answer
+    at once is skipped (its death shows on its shard's own reference)."""
+    busy = [(label, actor) for label, actor, *_ in running]
+    refs = [actor.rows.remote() for _, actor in busy]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+    for (label, _), ref in zip(busy, refs):
+        if ref in ready:
+            try:
+                done, total = ray.get(ref)
+            except RayActorError:
+                continue
+            on_rows(label, done, total)
 
 
 class WorkerStartError(RuntimeError):
@@ -274,7 +297,21 @@ def wait_until_ready(pool: list) -> None:
     except RayActorError as exc:
         for actor in pool:
             ray.kill(actor)
-        raise WorkerStartError(f"a worker could not start: {exc}") from exc
+        raise WorkerStartError(f"a worker could not start: {reason(exc)}") from exc
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$")
+
+
+def reason(exc: Exception) -> str:
+    """The error an actor died of, in one line: Ray's message carries the actor's whole
+    traceback, whose last line names the exception (``ModelSourceError: captioner model ...``)."""
+    lines = [line.strip() for line in ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    raised = RAISED.match(lines[-1])
+    return f"{raised[1]}: {raised[2]}" if raised else lines[-1]
 
 
 def _failed(index: int, path: str, attempt: int, error: str) -> ShardResult:

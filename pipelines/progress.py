@@ -1,5 +1,6 @@
 """A one-line progress report: shards done, images, images per second, time left, and what each
-worker is doing (loading its models, on which shard for how long, idle, restarting)."""
+worker is doing (loading its models, on which shard for how long and how many of its rows are
+done, idle, restarting)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 import time
 
 log = logging.getLogger(__name__)
+
+# Off a terminal (a log, a pipe), a line while shards run long, at most this often: a shard of
+# 100,000 rows takes a while, and one line per finished shard would say nothing meanwhile.
+ROWS_LINE_SECONDS = 30.0
 
 
 class Progress:
@@ -23,6 +28,8 @@ class Progress:
         self.run_here = total_shards - already_done
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.workers: dict[int, tuple[str, float]] = {}  # label -> (state, since when)
+        self.rows_of: dict[int, tuple[int, int]] = {}  # label -> its shard's (done, total) rows
+        self.last_line = time.perf_counter()
 
     def worker(self, label: int, state: str) -> None:
         """Worker ``label`` is now ``state``; redrawn at once on a terminal, else shown with
@@ -30,8 +37,20 @@ class Progress:
         if self.workers.get(label, ("",))[0] == state:
             return  # no change: keep when it began, draw nothing
         self.workers[label] = (state, time.perf_counter())
+        self.rows_of.pop(label, None)
         if self.tty:
             self._draw(self.line(), final=False)
+
+    def rows(self, label: int, done: int, total: int) -> None:
+        """Worker ``label`` has written or rejected ``done`` of its shard's ``total`` rows:
+        redrawn on a terminal, else written as a line at most every ``ROWS_LINE_SECONDS``."""
+        if self.rows_of.get(label) == (done, total):
+            return
+        self.rows_of[label] = (done, total)
+        if self.tty:
+            self._draw(self.line(), final=False)
+        elif time.perf_counter() - self.last_line >= ROWS_LINE_SECONDS:
+            self._write(self.line())
 
     def shard_finished(self, rows: int, failed: bool) -> None:
         self.done += 1
@@ -45,8 +64,12 @@ class Progress:
         if self.tty:
             self._draw(line, final=self.done == self.total)
         else:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        self.last_line = time.perf_counter()
 
     def line(self) -> str:
         now = time.perf_counter()
@@ -61,11 +84,17 @@ class Progress:
             + (f" | about {eta:.0f}s left" if left and finished_here else "")
         )
         if self.workers and left:
-            states = ", ".join(
-                f"w{label} {state}" + (f" {now - since:.0f}s" if state.startswith("shard") else "")
-                for label, (state, since) in sorted(self.workers.items()))
+            states = ", ".join(self._state(label, state, now - since)
+                               for label, (state, since) in sorted(self.workers.items()))
             line += f" | {states}"
         return line
+
+    def _state(self, label: int, state: str, seconds: float) -> str:
+        if not state.startswith("shard"):
+            return f"w{label} {state}"
+        done, total = self.rows_of.get(label, (None, None))
+        rows = f" {done:,}/{total:,} rows" if total else ""
+        return f"w{label} {state} {seconds:.0f}s{rows}"
 
     def _draw(self, line: str, final: bool) -> None:
         self.stream.write("\r\033[K" + line + ("\n" if final else ""))

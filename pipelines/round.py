@@ -56,7 +56,7 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
         for result in dispatch(
             options.stage, plan.todo, options.output, options.batch_size, options.reader,
             options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
-            options.write, progress.worker,
+            options.write, progress.worker, progress.rows,
         ):
             results[result.index] = result
     else:

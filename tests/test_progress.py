@@ -1,6 +1,7 @@
 """The round's progress line: shards, images, time left and what each worker is doing."""
 
 import io
+import re
 
 from pipelines.progress import Progress
 
@@ -67,3 +68,45 @@ def test_training_jobs_are_named_after_their_output_folder():
     assert job_label("/work/runs/demo/round-1/pretrain") == "round-1/pretrain"
     assert job_label("runs/demo/ablation/kept_web/") == "ablation/kept_web"
     assert job_label("out") == "out"
+
+
+def test_a_long_shard_shows_its_rows_done_on_a_terminal_and_in_a_log_every_so_often(monkeypatch):
+    import pipelines.progress
+
+    out = Terminal()
+    progress = Progress(total_shards=1, already_done=0, stream=out)
+    progress.worker(0, "shard 00000")
+    progress.rows(0, 1_200, 100_000)
+    assert out.getvalue().split("\r\033[K")[-1].endswith("| w0 shard 00000 0s 1,200/100,000 rows")
+    log = io.StringIO()
+    progress = Progress(total_shards=1, already_done=0, stream=log)
+    progress.worker(0, "shard 00000")
+    progress.rows(0, 1_200, 100_000)
+    assert log.getvalue() == ""  # a log gets a line at most every ROWS_LINE_SECONDS
+    monkeypatch.setattr(pipelines.progress, "ROWS_LINE_SECONDS", 0.0)
+    progress.rows(0, 2_400, 100_000)
+    assert log.getvalue().endswith("| w0 shard 00000 0s 2,400/100,000 rows\n")
+    progress.worker(0, "shard 00001")  # the next shard starts at no rows
+    assert progress.line().endswith("| w0 shard 00001 0s")
+
+
+def test_a_round_reports_rows_inside_its_shard(ray_local, tiny_models, tmp_path, monkeypatch):
+    """A real round: the driver asks the busy worker how far its shard has come."""
+    import pipelines.dispatch
+    import pipelines.progress
+    from capfilt.sample_shards import write_sample_shards
+    from capfilt.stage_config import StageConfig
+    from pipelines.plan import RoundOptions
+    from pipelines.round import run_round
+
+    monkeypatch.setattr(pipelines.dispatch, "ROWS_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(pipelines.progress, "ROWS_LINE_SECONDS", 0.0)
+    write_sample_shards(tmp_path / "in", shards=1, rows=120)
+    stage = StageConfig(captioner=str(tiny_models["captioner"]), filter=str(tiny_models["filter"]))
+    log = io.StringIO()
+    options = RoundOptions(inputs=[str(tmp_path / "in")], output=str(tmp_path / "round"),
+                           stage=stage, batch_size=2, workers=1)
+    assert run_round(options, stream=log).status == "complete"
+    done = [int(d) for d in re.findall(r"w0 shard 00000 \d+s (\d+)/120 rows", log.getvalue())]
+    assert any(0 < d < 120 for d in done), log.getvalue()
+    assert done == sorted(done)

@@ -16,7 +16,10 @@ from capfilt.terminal import configure_logging
 
 
 class ShardWorker:
-    """Loads the models once in ``__init__``; each ``process`` call is one shard, committed."""
+    """Loads the models once in ``__init__``; each ``process`` call is one shard, committed.
+
+    Started with two threads (``max_concurrency=2``), so ``rows`` answers while ``process``
+    runs: the driver asks how far a long shard has come."""
 
     def __init__(self, config: StageConfig, torch_threads: int | None = None):
         import torch
@@ -30,6 +33,7 @@ class ShardWorker:
             torch.set_num_threads(torch_threads)
         configure_logging("WARNING")  # worker logs reach the driver's terminal
         self.stage = CapFiltStage.from_config(config)
+        self.rows_done = (0, 0)  # (input rows written or rejected, rows in the shard)
 
     def describe(self) -> dict:
         """Where this worker runs: ready once this returns (models are loaded by then)."""
@@ -37,14 +41,23 @@ class ShardWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id(),
                 "keeps_freed_memory": self.keeps_freed_memory}
 
+    def rows(self) -> tuple[int, int]:
+        """(rows done, rows in the shard) of the shard running now, or of the last one."""
+        return self.rows_done
+
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
                 reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = ()) -> dict:
         from capfilt.shard_runner import run_shard
 
         node = ray.get_runtime_context().get_node_id()[:12]
+        self.rows_done = (0, 0)
         result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
-                           worker=f"{node}/{os.getpid()}", write=write)
+                           worker=f"{node}/{os.getpid()}", write=write,
+                           on_rows=self._count_rows)
         return result.__dict__
+
+    def _count_rows(self, done: int, total: int) -> None:
+        self.rows_done = (done, total)
 
 
 def start_workers(config: StageConfig, count: int, *, gpus: float, cpus: float,
@@ -52,6 +65,7 @@ def start_workers(config: StageConfig, count: int, *, gpus: float, cpus: float,
     """Start ``count`` actors; each asks for ``gpus`` GPUs (one per actor on GPU machines)."""
     # SPREAD: on a cluster, workers go to different nodes before doubling up on one.
     actor = ray.remote(ShardWorker).options(
-        num_gpus=gpus, num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD"
+        num_gpus=gpus, num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD",
+        max_concurrency=2,  # ``rows`` beside ``process``; the driver runs one shard at a time
     )
     return [actor.remote(config, torch_threads) for _ in range(count)]
