@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from capfilt.attention import captions_share_image, uses_sdpa
-from capfilt.model_source import fit_generation
+from capfilt.generation_length import fit_generation
 from capfilt.models import LoadedModel
 from capfilt.sampling import (
     apply_repetition_penalty,

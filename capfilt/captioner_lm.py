@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
-from capfilt.model_source import fit_generation
+from capfilt.generation_length import fit_generation
 from capfilt.models import LoadedModel
 from capfilt.seeding import caption_seed
 from capfilt.stage_config import SamplingConfig

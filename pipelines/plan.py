@@ -9,12 +9,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.model_source import (
-    check_generation_length,
-    check_model_source,
-    gives_itm,
-    weights_sha256,
-)
+from capfilt.generation_length import check_generation_length
+from capfilt.model_source import check_model_source, gives_itm, weights_sha256
 from capfilt.round_folder import finished_shard, plan_path, sweep_temporaries
 from capfilt.shard_reader import ReaderOptions, expand_inputs
 from capfilt.stage_config import StageConfig

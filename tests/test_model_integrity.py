@@ -17,7 +17,8 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from capfilt.captioner import Captioner
 from capfilt.convert_blip import convert_checkpoint
-from capfilt.model_source import ModelSourceError, check_generation_length, check_model_source
+from capfilt.generation_length import check_generation_length
+from capfilt.model_source import ModelSourceError, check_model_source
 from capfilt.models import load_model
 from capfilt.sample_shards import write_sample_shards
 from capfilt.scorer import MAX_TEXT_TOKENS, Scorer
