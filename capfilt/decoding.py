@@ -24,7 +24,7 @@ import torch
 
 from capfilt.image_transform import ImageTransform
 from capfilt.images import ImageRejected, decode_image
-from capfilt.shard_reader import SUCCESS
+from capfilt.input_rows import SUCCESS
 
 log = logging.getLogger(__name__)
 # A decoding process's /proc/self/oom_score_adj: the most killable (a process may raise its own).

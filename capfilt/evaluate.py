@@ -22,9 +22,10 @@ from capfilt.bleu import corpus_bleu
 from capfilt.captioner import Captioner
 from capfilt.image_transform import ImageTransform
 from capfilt.images import decode_image
+from capfilt.input_rows import SUCCESS
 from capfilt.models import LoadedModel
 from capfilt.scorer import MAX_TEXT_TOKENS, enc_token_id
-from capfilt.shard_reader import SUCCESS, expand_inputs, read_shard
+from capfilt.shard_reader import expand_inputs, read_shard
 from capfilt.stage_config import SamplingConfig
 
 RECALL_AT = (1, 5, 10)

@@ -76,7 +76,7 @@ def clean_caption(text: str | None) -> str | None:
 
 
 class CapFiltStage:
-    """Input rows (``shard_reader.INPUT_SCHEMA``) -> (``OUTPUT_SCHEMA``, ``REJECT_SCHEMA``)."""
+    """Input rows (``input_rows.INPUT_SCHEMA``) -> (``OUTPUT_SCHEMA``, ``REJECT_SCHEMA``)."""
 
     def __init__(self, captioner: Captioner, scorer: Scorer, policy: Policy,
                  caption_transform: ImageTransform, filter_transform: ImageTransform,

@@ -10,9 +10,9 @@ import sys
 
 import pyarrow as pa
 
+from capfilt.input_rows import INPUT_SCHEMA
 from capfilt.models import load_model
 from capfilt.sample_shards import sample_rows
-from capfilt.shard_reader import INPUT_SCHEMA
 from capfilt.tiny import write_tiny_models
 from tests.conftest import make_stage
 

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from capfilt.bounded_reads import MAX_COMPRESSION_RATIO
 from capfilt.images import ImageRejected, decode_cost, decode_image
 from capfilt.sample_shards import draw_shape, jpeg_bytes, write_sample_shards
-from capfilt.shard_reader import MAX_COMPRESSION_RATIO, ShardReadError, read_shard
+from capfilt.shard_reader import ShardReadError, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_MEMORY = 3 << 30  # address space: pyarrow and numpy start in well under this

@@ -21,8 +21,8 @@ from PIL import Image
 from capfilt.decoding import ProcessDecoder, ThreadDecoder
 from capfilt.image_transform import ImageTransform
 from capfilt.images import ImageRejected
+from capfilt.input_rows import INPUT_SCHEMA
 from capfilt.sample_shards import draw_shape, jpeg_bytes
-from capfilt.shard_reader import INPUT_SCHEMA
 
 BASE = {"url": None, "caption": "c", "status": "success", "error_message": None}
 

@@ -6,9 +6,10 @@ import pyarrow as pa
 import torch
 
 from capfilt.images import decode_image
+from capfilt.input_rows import INPUT_SCHEMA
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 from capfilt.selection import Policy
-from capfilt.shard_reader import INPUT_SCHEMA, read_shard
+from capfilt.shard_reader import read_shard
 from capfilt.stage import CapFiltStage
 from capfilt.stage_config import gpu_decoders
 from tests.conftest import make_stage

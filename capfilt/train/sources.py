@@ -25,18 +25,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.shard_reader import (
-    SUCCESS,
-    InputError,
-    ShardReadError,
-    expand_inputs,
-    open_regular,
-    read_parquet,
-    read_regular,
-    tar_samples,
-    text_column,
-    webdataset_rows,
-)
+from capfilt.bounded_reads import open_regular, read_parquet, read_regular
+from capfilt.input_rows import SUCCESS, text_column
+from capfilt.shard_reader import InputError, ShardReadError, expand_inputs
+from capfilt.tar_rows import tar_samples, webdataset_rows
 
 log = logging.getLogger(__name__)
 
