@@ -8,6 +8,7 @@ torch nor transformers, so the round's driver can check models without loading t
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,11 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
     try:
         # Shapes unlike the config's are reported with the other misfits below, not raised
         # with a pointer to a table in the log; their size is bounded by the checks above.
-        model, info = wanted.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=local, output_loading_info=True,
-            ignore_mismatched_sizes=True,
-        )
+        with loading_quietly():
+            model, info = wanted.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=local, output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
     except pickle.UnpicklingError as exc:
         raise ModelSourceError(
             f"{role} model {source}: weights refused, they are a pickle that does more than "
@@ -83,12 +85,25 @@ def load_model(source: str, role: str, device: str = "cpu", dtype: str = "float3
 def from_pretrained_checked(model_class: type, source: str, role: str) -> torch.nn.Module:
     """``model_class.from_pretrained(source)`` that refuses weights not filling the model: a
     training started from an incomplete checkpoint would otherwise train random layers."""
-    model, info = model_class.from_pretrained(
-        source, local_files_only=Path(source).is_dir(), output_loading_info=True,
-        ignore_mismatched_sizes=True,
-    )
+    with loading_quietly():
+        model, info = model_class.from_pretrained(
+            source, local_files_only=Path(source).is_dir(), output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     check_loading_info(info, f"{role} model {source}", model_class.__name__)
     return model
+
+
+@contextmanager
+def loading_quietly():
+    """transformers' load report (a table of missing and unexpected tensors) left unprinted:
+    ``check_loading_info`` refuses such weights in one line of its own."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 def check_loading_info(info: dict, what: str, class_name: str) -> None:

@@ -222,7 +222,8 @@ def dispatch(
             try:
                 ray.get(ref)
                 idle.append((label, actor))
-            except RayActorError as exc:
+            except (RayActorError, RayTaskError) as exc:  # died, or its models would not load
+                ray.kill(actor)
                 log.warning("worker %d could not start (try %d): %s", label, tries, reason(exc))
                 if tries < MAX_STARTS:
                     fresh_worker(label, tries + 1)
@@ -294,7 +295,7 @@ def wait_until_ready(pool: list) -> None:
     """Block until every worker has loaded its models; fail once, clearly, if one cannot."""
     try:
         ray.get([actor.describe.remote() for actor in pool])
-    except RayActorError as exc:
+    except (RayActorError, RayTaskError) as exc:  # died, or its models would not load
         for actor in pool:
             ray.kill(actor)
         raise WorkerStartError(f"a worker could not start: {reason(exc)}") from exc
@@ -305,8 +306,10 @@ RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$")
 
 
 def reason(exc: Exception) -> str:
-    """The error an actor died of, in one line: Ray's message carries the actor's whole
-    traceback, whose last line names the exception (``ModelSourceError: captioner model ...``)."""
+    """The error an actor died of or raised, in one line: Ray's message carries the actor's
+    whole traceback, whose last line names the exception (``ModelSourceError: ...``)."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        return f"{type(exc.cause).__name__}: {exc.cause}"
     lines = [line.strip() for line in ANSI.sub("", str(exc)).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__

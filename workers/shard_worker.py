@@ -22,6 +22,17 @@ class ShardWorker:
     runs: the driver asks how far a long shard has come."""
 
     def __init__(self, config: StageConfig, torch_threads: int | None = None):
+        self.rows_done = (0, 0)  # (input rows written or rejected, rows in the shard)
+        self.cannot_start: Exception | None = None
+        try:
+            self._load(config, torch_threads)
+        except Exception as exc:  # noqa: BLE001  (any reason the models do not load)
+            # Kept for ``describe`` to raise: the driver hears the reason as a task error and
+            # kills this actor, where an actor dying in its constructor prints Ray's dump of it
+            # on the user's terminal after capfilt's one line.
+            self.cannot_start = exc
+
+    def _load(self, config: StageConfig, torch_threads: int | None) -> None:
         import torch
 
         from capfilt.host_memory import keep_freed_memory
@@ -33,10 +44,12 @@ class ShardWorker:
             torch.set_num_threads(torch_threads)
         configure_logging("WARNING")  # worker logs reach the driver's terminal
         self.stage = CapFiltStage.from_config(config)
-        self.rows_done = (0, 0)  # (input rows written or rejected, rows in the shard)
 
     def describe(self) -> dict:
-        """Where this worker runs: ready once this returns (models are loaded by then)."""
+        """Where this worker runs: ready once this returns (models are loaded by then); raises
+        why they could not be loaded."""
+        if self.cannot_start is not None:
+            raise self.cannot_start
         context = ray.get_runtime_context()
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": context.get_node_id(),
                 "keeps_freed_memory": self.keeps_freed_memory}
