@@ -36,12 +36,41 @@ def configure_logging(level: str, stream=None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextmanager
-def log_file(path: str):
-    """Also write this process's capfilt log records (INFO and up) to ``path``."""
+def held_records():
+    """Keep this process's log records (INFO and up) for a log file opened later: a round's
+    folder is checked, made and swept before its ``capfilt.log`` can be opened in it."""
+    held = _Held()
+    logger = logging.getLogger()
+    level = logger.level
+    logger.addHandler(held)
+    if logger.level > logging.INFO or logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        yield held.records
+    finally:
+        logger.removeHandler(held)
+        logger.setLevel(level)
+
+
+@contextmanager
+def log_file(path: str, earlier: list[logging.LogRecord] = ()):
+    """Also write this process's capfilt log records (INFO and up) to ``path``, after the
+    ``earlier`` ones (see ``held_records``)."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
+    for record in earlier:
+        handler.handle(record)
     logger = logging.getLogger()
     logger.addHandler(handler)
     if logger.level > logging.INFO or logger.level == logging.NOTSET:

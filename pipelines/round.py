@@ -10,7 +10,7 @@ from capfilt.model_source import model_class_name
 from capfilt.report import write_report
 from capfilt.round_folder import name_parts_in_round
 from capfilt.shard_reader import shard_format
-from capfilt.terminal import log_file
+from capfilt.terminal import held_records, log_file
 from manifests import (
     InputShard,
     ModelRef,
@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 def run_round(options: RoundOptions, stream=None) -> RoundManifest:
     """Run (or finish) the round described by ``options``; returns the manifest written.
 
-    The round's own log goes to ``ROUND/capfilt.log`` (local folders), appended on reruns.
+    The round's own log goes to ``ROUND/capfilt.log`` (local folders), appended on reruns,
+    what the plan found (shards run again, stale files swept) included.
     """
     created = now()
     started = time.perf_counter()
-    plan = plan_round(options)
+    with held_records() as planning:
+        plan = plan_round(options)
     local = "://" not in options.output or options.output.startswith("file://")
     log_path = f"{options.output.removeprefix('file://').rstrip('/')}/capfilt.log"
-    with log_file(log_path) if local else nullcontext():
+    with log_file(log_path, planning) if local else nullcontext():
         return _run_planned(plan, options, created, started, stream)
 
 

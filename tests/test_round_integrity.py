@@ -70,6 +70,9 @@ def test_a_changed_input_shard_runs_again(ray_local, tiny_models, inputs, tmp_pa
     rows_in = pq.read_table(inputs / "00000.parquet").num_rows + shorter.num_rows - 1
     assert len(captions) + again.totals.rows_rejected == again.totals.rows_in == rows_in
     assert main(["validate", str(out)]) == 0
+    logged = (out / "capfilt.log").read_text()  # what the plan found is in the round's log
+    for index in (0, 1):
+        assert f"shard {index:05d}: {inputs / f'{index:05d}.parquet'} is not the input" in logged
 
 
 def test_input_fingerprint_is_the_readers_hash(img2dataset_parquet, img2dataset_webdataset):
