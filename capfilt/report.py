@@ -20,6 +20,7 @@ from capfilt.images import ImageRejected, decode_image
 from capfilt.round_folder import shard_path
 from capfilt.svg_plots import bars, histogram
 from manifests import ManifestError, RoundManifest, read_manifest
+from manifests.lineage import parent_folder
 from manifests.store import write_text_atomic
 
 SCORE_COLUMNS = ["key", "url", "web_caption", "web_itm", "web_itc", "synthetic_captions",
@@ -228,14 +229,14 @@ def _rejects_table(manifest: RoundManifest) -> str:
 
 def _lineage(manifest: RoundManifest, round_dir: str) -> str:
     chain = [(round_dir, manifest)]
-    parent = manifest.parent
+    parent = parent_folder(round_dir, manifest.parent)
     while parent and len(chain) < MAX_ROUNDS_BACK:
         try:
             earlier = read_manifest(parent)
         except ManifestError:
             break
         chain.append((parent, earlier))
-        parent = earlier.parent
+        parent = parent_folder(parent, earlier.parent)
     if len(chain) == 1:
         return ""
     head = "".join(f"<th>round {m.round}</th>" for _, m in reversed(chain))

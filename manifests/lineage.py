@@ -6,6 +6,7 @@ Reads manifests only, so it works on any machine that can see the folder (no mod
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import fsspec
@@ -13,6 +14,27 @@ import fsspec
 from manifests.round import RoundManifest
 from manifests.job import JOB_KINDS
 from manifests.store import MANIFEST_NAME, ManifestError, read_json, read_manifest
+
+
+def _local(path: str) -> bool:
+    return "://" not in path
+
+
+def parent_as_stored(round_dir: str, parent: str | None) -> str | None:
+    """A local parent named relative to the round folder, so a bootstrap's rounds moved or
+    copied together keep their chain; a URL as given."""
+    if parent is None or not (_local(parent) and _local(round_dir)):
+        return parent
+    return os.path.relpath(os.path.abspath(parent), os.path.abspath(round_dir))
+
+
+def parent_folder(round_dir: str, parent: str | None) -> str | None:
+    """Where a round's parent is: relative to its folder, as capfilt stores it; else as given
+    (manifests written before parents were stored so named them from the working folder)."""
+    if not parent or os.path.isabs(parent) or not (_local(parent) and _local(round_dir)):
+        return parent
+    beside = os.path.normpath(os.path.join(round_dir, parent))
+    return beside if os.path.isfile(os.path.join(beside, MANIFEST_NAME)) else parent
 
 
 @dataclass
@@ -57,7 +79,8 @@ def summary_row(found: FoundRound) -> dict:
     """One line of ``capfilt rounds``, as data."""
     m = found.manifest
     return {
-        "round": m.round, "folder": found.folder, "parent": m.parent, "status": m.status,
+        "round": m.round, "folder": found.folder, "parent": parent_folder(found.folder, m.parent),
+        "status": m.status,
         "captioner": model_source(m, "captioner"), "filter": model_source(m, "filter"),
         "rows_in": m.totals.rows_in, "scored": m.totals.rows_out,
         "rejected": m.totals.rows_rejected,
@@ -71,7 +94,7 @@ def describe(folder: str, manifest: RoundManifest) -> str:
     p = manifest.parameters
     lines = [
         f"round {manifest.round} ({manifest.status}) in {folder}",
-        f"  parent: {manifest.parent or '-'}",
+        f"  parent: {parent_folder(folder, manifest.parent) or '-'}",
         f"  created {manifest.created_at}, finished {manifest.finished_at}",
     ]
     for model in manifest.models:

@@ -20,6 +20,7 @@ from manifests import (
     validate_manifest,
     write_manifest,
 )
+from manifests.lineage import parent_as_stored
 from pipelines.dispatch import dispatch, ensure_ray
 from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions, RoundPlan, plan_round
@@ -107,7 +108,7 @@ def build_manifest(plan: RoundPlan, results: dict, models: list[ModelRef], creat
     complete = all(r.status == ShardStatus.DONE for r in shards)
     return RoundManifest(
         round=options.round,
-        parent=options.parent,
+        parent=parent_as_stored(options.output, options.parent),
         status="complete" if complete else "incomplete",
         created_at=created,
         finished_at=now(),

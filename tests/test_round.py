@@ -162,11 +162,33 @@ def test_a_rerun_with_other_settings_is_refused(first_round, tiny_models, img2da
 
 def test_a_round_names_its_parent(first_round, second_round, tiny_models, img2dataset_parquet,
                                   tmp_path):
-    _, manifest = second_round
-    assert (manifest.round, manifest.parent) == (2, str(first_round[0]))
+    out, manifest = second_round
+    # Named from the round's own folder, so rounds moved together keep their chain.
+    assert manifest.round == 2 and not os.path.isabs(manifest.parent)
+    assert (out / manifest.parent).resolve() == first_round[0].resolve()
     with pytest.raises(PlanError, match="no manifest"):
         run_round(options(tiny_models, [img2dataset_parquet], tmp_path / "x", round=2,
                           parent=str(tmp_path / "nowhere")))
+
+
+def test_rounds_moved_together_keep_their_lineage(first_round, second_round, tmp_path,
+                                                  monkeypatch):
+    from capfilt.report import build_report
+
+    first, second = first_round[0], second_round[0]
+    common = Path(os.path.commonpath([first, second]))
+    moved = tmp_path / "moved"
+    for folder in (first, second):
+        shutil.copytree(folder, moved / folder.relative_to(common))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    first.rename(tmp_path / "away")  # the originals are gone: only the moved copies remain
+    try:
+        html = build_report(str(moved / second.relative_to(common)))
+    finally:
+        (tmp_path / "away").rename(first)
+    assert "<th>round 1</th><th>round 2</th>" in html
 
 
 def test_unreadable_shards_fail_alone_and_a_rerun_retries_only_them(
