@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,19 @@ def start_driver(flags: list[str], stderr) -> subprocess.Popen:
                             preexec_fn=as_in_a_terminal, cwd=Path(__file__).parents[1])
 
 
+@contextmanager
+def driver_running(flags: list[str], log: Path):
+    """A driver started with its stderr in ``log``; killed with its session if still running
+    when the block ends (a failed assertion must not leave a round running)."""
+    with log.open("wb") as stderr:
+        driver = start_driver(flags, stderr)
+        try:
+            yield driver
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+
+
 def wait_for(predicate, timeout: float = 240.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,17 +92,12 @@ def test_a_signal_mid_round_ends_in_one_line_and_the_same_command_finishes(
 ):
     out = tmp_path / "round"
     log = tmp_path / "stderr.txt"
-    with log.open("wb") as stderr:
-        driver = start_driver(run_flags(tiny_models, inputs, out), stderr)
-        try:
-            wait_for(lambda: (out / "stats" / "00000.json").exists())
-            ray_processes = children(driver.pid)  # its gcs, raylet, dashboard agents...
-            assert ray_processes
-            driver.send_signal(signum)
-            assert driver.wait(timeout=120) == code
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
+    with driver_running(run_flags(tiny_models, inputs, out), log) as driver:
+        wait_for(lambda: (out / "stats" / "00000.json").exists())
+        ray_processes = children(driver.pid)  # its gcs, raylet, dashboard agents...
+        assert ray_processes
+        driver.send_signal(signum)
+        assert driver.wait(timeout=120) == code
     text = log.read_text(errors="replace")
     name = signal.Signals(signum).name
     assert last_line(text) == (f"capfilt: stopped by {name}: shards committed so far are kept; "
@@ -129,15 +138,10 @@ def test_a_disk_that_fills_mid_round_stops_the_round_in_one_line(ray_local, tiny
                                                                  small_disk, tmp_path):
     out = small_disk / "round"
     log = tmp_path / "stderr.txt"
-    with log.open("wb") as stderr:
-        driver = start_driver(run_flags(tiny_models, inputs, out), stderr)
-        try:
-            wait_for(lambda: (out / "stats" / "00000.json").exists())
-            filler = fill(small_disk)
-            assert driver.wait(timeout=240) == 1
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
+    with driver_running(run_flags(tiny_models, inputs, out), log) as driver:
+        wait_for(lambda: (out / "stats" / "00000.json").exists())
+        filler = fill(small_disk)
+        assert driver.wait(timeout=240) == 1
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "Logging error" not in text
     line = last_line(text)
