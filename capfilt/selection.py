@@ -41,9 +41,13 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Policy:
-    """``threshold``: BLIP's filter (keep each text whose ITM probability >= threshold).
-    ``topk``: BLIP-2's ranking (keep the ``top_k`` best texts by ``rank_by``).
+    """Which of an image's texts (its web caption and synthetic captions) are kept, decided from
+    their stored scores alone, so a policy can change without rescoring.
+
+    ``threshold``: BLIP's filter (keep each text whose ITM probability >= threshold).
+    ``topk``: BLIP-2's ranking (keep the ``top_k`` best texts by ``rank_by``, "itm" or "itc").
     ``both``: the threshold first, then the best ``top_k`` of what passed.
+    Construction refuses values the round manifest's schema refuses (a one-line ValueError).
     """
 
     mode: str = "threshold"

@@ -34,6 +34,12 @@ def run_shard(
 ) -> ShardResult:
     """Process a whole shard and commit it; a shard that cannot be read comes back failed.
 
+    Reads ``input_path`` (bounded: regular files, their size), runs ``stage`` over it in
+    batches of ``batch_size`` (decoding the next batch while the models run) and commits
+    ``ROUND/shards``, ``rejects`` and, last, ``stats/NNNNN.json`` under ``round_dir``. Returns
+    the shard's ``ShardResult``: "done" with its counts (every input row in the output or the
+    rejects), or "failed" with the reason when the shard cannot be read.
+
     ``write`` names extra views to write beside the parquet: ``("webdataset",)``.
     ``on_rows(done, total)`` hears after each batch how many of the shard's input rows are
     written or rejected (a shard of 100,000 rows runs for a while).

@@ -94,6 +94,9 @@ class CapFiltStage:
 
     @classmethod
     def from_config(cls, config: StageConfig) -> CapFiltStage:
+        """The stage a worker runs: both models loaded (``from_pretrained``, refused when their
+        weights do not fill them) on ``config.device`` in ``config.dtype``, with the sampling,
+        policy, seed, ITM token and image decoding ``config`` names."""
         captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype,
                                      config.attention)
         filter_model = load_model(config.filter, "filter", config.device, config.dtype,

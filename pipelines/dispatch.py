@@ -150,7 +150,13 @@ def dispatch(
     on_worker: Callable[[int, str], None] = lambda label, state: None,
     on_rows: Callable[[int, int, int], None] = lambda label, done, total: None,
 ) -> list[ShardResult]:
-    """Run every shard in ``todo`` on worker actors and return their results.
+    """Run every shard in ``todo`` (index, input path) on worker actors and return their
+    ``ShardResult``s, one per shard, "done" or "failed".
+
+    One actor per GPU (else ``workers`` CPU actors, default 1), each holding ``config``'s models
+    and running one shard at a time into ``round_dir``; a shard whose worker died runs again on
+    a fresh one (``MAX_ATTEMPTS``). Raises ``WorkerStartError`` when the workers cannot load
+    their models (or none is left mid-round) and ``DiskFullError`` once the disk is full.
 
     ``on_result`` hears of each finished shard once the freed worker has its next one, so a
     progress line drawn then shows what every worker is doing; ``on_worker(label, state)``

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 def run_round(options: RoundOptions, stream=None) -> RoundManifest:
     """Run (or finish) the round described by ``options``; returns the manifest written.
 
+    Plans first (inputs expanded, models, settings and output checked, a rerun matched against
+    ``plan.json``; a ``PlanError`` or ``ModelSourceError`` before any work), runs the shards not
+    yet finished on Ray workers, then writes ``ROUND/manifest.json`` ("complete" when every
+    shard is done, else "incomplete" with the failed ones and their errors) and the report.
+    ``stream`` takes the progress line (stderr by default). Raises ``WorkerStartError`` when no
+    worker can load the models, ``DiskFullError`` when the disk fills mid-round.
+
     The round's own log goes to ``ROUND/capfilt.log`` (local folders), appended on reruns,
     what the plan found (shards run again, stale files swept) included.
     """

@@ -51,8 +51,13 @@ def run_rank(job: RankJob, rank: int = 0, world: int = 1, device: str = "cpu",
              wrap: Callable[[nn.Module], nn.Module] | None = None,
              on_log: Callable[[dict], None] | None = None,
              pieces: list[Piece] | None = None) -> tuple[BuiltTask, TrainResult]:
-    """Train ``job`` as rank ``rank`` of ``world``; ``wrap`` makes the DDP model (Ray Train);
-    ``pieces``: the data as already listed (else listed here, from footers)."""
+    """Train ``job`` as rank ``rank`` of ``world``: the one training entry, for the plain loop
+    (rank 0 of 1) and for every Ray Train worker.
+
+    ``wrap`` makes the DDP model (Ray Train); ``pieces``: the data as already listed (else
+    listed here, from footers); ``on_log`` hears each logged step's record. Returns the built
+    task (its models trained, to export) and the ``TrainResult`` (steps, resumes, history,
+    rows skipped by reason). Checkpoints go to ``job.output``/checkpoints as it runs."""
     built = build_task(job.task, job.init, job.vision_init, job.config.seed, job.negative_mix,
                        config=job.config)
     built.task.to(device)
