@@ -171,8 +171,9 @@ STALE_SECONDS = 600
 def sweep_temporaries(root: str, stale_seconds: float = STALE_SECONDS) -> list[str]:
     """Remove what writers that died mid-write left in the round folder; returns the paths.
 
-    Hidden temporaries (".NAME.tmp-XXXXXXXX") go once stale; visible ones ("NAME.tmp-XXXXXXXX",
-    from earlier versions) go at once, since dataset readers would list them.
+    Hidden temporaries (".NAME.tmp-" and 8 hex digits) go once stale; visible ones
+    ("NAME.tmp-" and 8 hex digits, from earlier versions) go at once, since dataset readers
+    would list them.
     """
     fs, base = fsspec.core.url_to_fs(root)
     removed = []

@@ -12,7 +12,7 @@ import fsspec
 from manifests.round import RoundManifest
 
 MANIFEST_NAME = "manifest.json"
-# Names of temporary files, visible or not (earlier versions wrote "NAME.tmp-XXXXXXXX").
+# Names of temporary files, visible or not (earlier versions wrote "NAME.tmp-<8 hex digits>").
 TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
 

@@ -78,7 +78,7 @@ def _typed(action: argparse.Action, origin: str, key: str, value: Any) -> Any:
     never coerced (``batch_size = 1.9`` is not 1, and ``true`` is not an int in a config)."""
     if action.nargs == 0:  # store_true / store_false: the value is the flag's result
         return _checked(bool, None, origin, key, value)
-    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+    if action.nargs in ("+", "*") or isinstance(action.default, list):  # a list, or append
         # One string where a list is expected is a one-item list: nothing else could be meant.
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
