@@ -16,6 +16,7 @@ from html import escape
 import fsspec
 import pyarrow.parquet as pq
 
+from capfilt.calibration_report import calibration_section
 from capfilt.images import ImageRejected, decode_image
 from capfilt.round_folder import shard_path
 from capfilt.svg_plots import bars, histogram
@@ -77,6 +78,7 @@ def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
         _summary(manifest),
         "<h2>Scores</h2>",
         _score_plots(rows, threshold, policy),
+        calibration_section(round_dir, manifest),
         "<h2>What was kept</h2>",
         _kept_plots(manifest, rows),
         "<h2>Caption lengths</h2>",

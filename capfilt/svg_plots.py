@@ -100,3 +100,51 @@ def _legend(names: list[str]) -> str:
                      f'fill="{COLOURS.get(name, "#777")}"/>'
                      f'<text x="{x + 14}" y="{y}" font-size="11">{escape(name)}</text>')
     return "".join(parts)
+
+
+def lines(
+    series: dict[str, list[tuple[float, float, float | None, float | None]]],
+    low: float,
+    high: float,
+    title: str,
+    colours: dict[str, str],
+    markers: tuple[tuple[float, str], ...] = (),
+) -> str:
+    """Lines of (x, y, band low, band high) points over x in [low, high] and y in [0, 1], each
+    with its band shaded where one is given, and dashed vertical markers (x, label)."""
+    plot_w, plot_h = WIDTH - 2 * PAD, HEIGHT - 2 * PAD
+    span = (high - low) or 1.0
+
+    def xy(x: float, y: float) -> str:
+        return f"{PAD + (min(high, max(low, x)) - low) / span * plot_w:.1f}," \
+               f"{PAD + plot_h - y * plot_h:.1f}"
+
+    parts = [_frame(title)]
+    for name, points in series.items():
+        colour = colours.get(name, "#777")
+        banded = [p for p in points if p[2] is not None and p[3] is not None]
+        if banded:
+            outline = [xy(x, hi) for x, _, _, hi in banded] + [
+                xy(x, lo) for x, _, lo, _ in reversed(banded)]
+            parts.append(f'<polygon points="{" ".join(outline)}" fill="{colour}" '
+                         'opacity="0.18"/>')
+        parts.append(f'<polyline points="{" ".join(xy(x, y) for x, y, _, _ in points)}" '
+                     f'fill="none" stroke="{colour}" stroke-width="2"/>')
+    for i, (x, label) in enumerate(markers):
+        at = xy(x, 1.0).split(",")[0]
+        parts.append(f'<line x1="{at}" y1="{PAD - 6}" x2="{at}" y2="{PAD + plot_h}" '
+                     'stroke="#111" stroke-width="1.5" stroke-dasharray="5,3"/>')
+        right_half = float(at) > WIDTH / 2  # a label there reads leftwards, inside the frame
+        parts.append(f'<text x="{float(at) + (-4 if right_half else 4):.1f}" '
+                     f'y="{PAD - 8 + 12 * i}" font-size="11" '
+                     f'text-anchor="{"end" if right_half else "start"}">{escape(label)}</text>')
+    parts.append(f'<text x="4" y="{PAD + 4}" font-size="10">1</text>')
+    parts.append(f'<text x="4" y="{PAD + plot_h}" font-size="10">0</text>')
+    parts.append(_axis(low, high))
+    for i, name in enumerate(series):
+        x, y = PAD + 6, PAD + plot_h - 34 + i * 14  # low left: the curves start high there
+        parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" '
+                     f'fill="{colours.get(name, "#777")}"/>'
+                     f'<text x="{x + 14}" y="{y}" font-size="11">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
