@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 MIN_LABELS = 20  # fewer labelled texts give intervals too wide to choose anything by
+# A precision target is met only where at least this many labelled texts are kept: the
+# bootstrap cannot bound a precision measured on a handful (one right text kept gives [1, 1]).
+MIN_KEPT = 10
 RESAMPLES = 1000
 CONFIDENCE = 0.95
 SEED = 0
@@ -144,12 +147,14 @@ def shortest_cut(score: float, below: float | None) -> float:
 
 
 def recommend(curve: Curve, target: str, value: float) -> Recommendation:
-    """The threshold for a precision (the lowest whose interval's low end reaches ``value``)
-    or a keep-rate (the one whose keep-rate is closest to ``value``, the lower on a tie)."""
+    """The threshold for a precision (the lowest keeping at least ``MIN_KEPT`` labelled texts
+    whose interval's low end reaches ``value``) or a keep-rate (the one whose keep-rate is
+    closest to ``value``, the lower on a tie)."""
     if target == "precision":
-        by_bound = next((p for p in curve.points if p.precision_ci[0] is not None
+        counted = [p for p in curve.points if p.kept >= MIN_KEPT]
+        by_bound = next((p for p in counted if p.precision_ci[0] is not None
                          and p.precision_ci[0] >= value), None)
-        by_estimate = next((p for p in curve.points if p.precision >= value), None)
+        by_estimate = next((p for p in counted if p.precision >= value), None)
         return Recommendation(target, value, by_bound, by_estimate)
     if target == "keep_rate":
         closest = min(curve.points, key=lambda p: abs(p.keep_rate - value))
@@ -160,13 +165,6 @@ def recommend(curve: Curve, target: str, value: float) -> Recommendation:
 def best_by_bound(curve: Curve) -> Point:
     """The threshold with the highest low end of its precision interval (what the labels can
     vouch for at most, for a target no threshold reaches)."""
-    defined = [p for p in curve.points if p.precision_ci[0] is not None]
+    defined = [p for p in curve.points if p.precision_ci[0] is not None and p.kept >= MIN_KEPT]
     return max(defined, key=lambda p: (p.precision_ci[0], -p.threshold))
 
-
-def curve_to_dict(curve: Curve) -> dict:
-    return asdict(curve)
-
-
-def recommendation_to_dict(rec: Recommendation) -> dict:
-    return asdict(rec)

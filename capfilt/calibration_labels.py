@@ -34,7 +34,8 @@ NO_KEY = "key not in the round"
 NO_CAPTION = "caption not among the texts of its image"
 NO_WEB = "source web, but the image has no web caption"
 NO_SYNTHETIC = "source synthetic, but the image has no synthetic caption"
-SEVERAL_SYNTHETIC = "source synthetic, but the image has several synthetic captions (give the caption)"
+SEVERAL_SYNTHETIC = ("source synthetic, but the image has several synthetic captions "
+                     "(give the caption)")
 TWICE = "text labelled more than once (the first label counts)"
 KEY_TWICE = "key in more than one row of the round"
 

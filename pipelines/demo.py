@@ -125,19 +125,24 @@ def run_demo(output: str, quick: bool = False, seed: int = 0) -> dict:
     from capfilt.world.audit import audit_round
     from pipelines.bootstrap import format_table, run_bootstrap
     from pipelines.bootstrap_config import load_bootstrap_config
+    from pipelines.demo_calibration import calibrate_demo, describe_calibration
 
     root = Path(output).resolve()
     root.mkdir(parents=True, exist_ok=True)
     config = load_bootstrap_config(write_demo(root, quick, seed))
     manifest = run_bootstrap(config)
     audit = audit_round(root / "round-1" / "capfilt", root / "world" / "truth")
+    calibration = calibrate_demo(root, root / "round-1" / "capfilt", root / "world" / "truth",
+                                 seed)
     table = manifest.results["table"]
     for row in table:
         row["noise_ratio"] = audit["noise_ratio"][row["data"]]
-    summary = {"table": table, "audit": audit, "timings": manifest.timings,
-               "profile": "quick" if quick else "full", "seed": seed}
+    summary = {"table": table, "audit": audit, "calibration": calibration,
+               "timings": manifest.timings, "profile": "quick" if quick else "full",
+               "seed": seed}
     (root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = format_table(table, extra=(("noise_ratio", "noise ratio"),)) + describe_audit(audit)
+    text = (format_table(table, extra=(("noise_ratio", "noise ratio"),)) + describe_audit(audit)
+            + describe_calibration(calibration))
     (root / "demo.md").write_text(text)
     return summary | {"text": text}
 
