@@ -162,12 +162,12 @@ def register(commands) -> dict:
         "audit.csv --precision 0.95 --write threshold.toml",
     )
     calibrate.add_argument("round_dir")
-    calibrate.add_argument("--labels", default=None, help="the audited sample: .csv or .parquet")
-    calibrate.add_argument("--precision", type=float, default=None,
-                           help="recommend the lowest threshold whose precision's lower 95%% "
-                           "bound reaches this")
-    calibrate.add_argument("--keep-rate", type=float, default=None,
-                           help="recommend the threshold keeping closest to this share of the "
+    calibrate.add_argument("--labels", default=None, metavar="FILE", help="the audited sample: .csv or .parquet")
+    calibrate.add_argument("--precision", type=float, default=None, metavar="P",
+                           help="recommend the lowest threshold (keeping 10 labelled texts or "
+                           "more) whose precision's lower 95%% bound reaches P")
+    calibrate.add_argument("--keep-rate", type=float, default=None, metavar="K",
+                           help="recommend the threshold keeping closest to this share K of the "
                            "labelled texts")
     calibrate.add_argument("--score", default="itm", choices=["itm", "itc"],
                            help="the score whose table is printed and whose threshold is "

@@ -104,18 +104,20 @@ def calibrate_demo(root: Path, round_dir: Path, truth: Path, seed: int) -> dict:
 
 
 def describe_calibration(result: dict) -> str:
-    def line(name: str, figures: dict | None, why: str) -> str:
+    target = result["target_precision"]
+
+    def line(name: str, figures: dict | None) -> str:
         if figures is None:
-            return f"  {name:<16}none reaches it ({why})\n"
-        return (f"  {name:<16}ITM >= {figures['threshold']:<7g} precision "
-                f"{figures['precision']}, recall {figures['recall']}, keeps "
-                f"{figures['keep_rate']:.1%} ({why})\n")
+            return f"  {name:<32}none reaches {target:g}\n"
+        precision = "-" if figures["precision"] is None else figures["precision"]
+        return (f"  {name:<32}ITM >= {figures['threshold']:<7g} precision {precision}, recall "
+                f"{figures['recall']}, keeps {figures['keep_rate']:.1%}\n")
 
     return (
-        f"\nthreshold for web-caption precision {result['target_precision']:g}, calibrated on "
-        f"{result['labels']} labelled web captions; figures on all {result['web_captions']:,}:\n"
-        + line("calibrated", result["calibrated"], "lower 95% bound reaches the target")
-        + line("point estimate", result["point_estimate"], "estimate reaches the target")
-        + line("hindsight best", result["hindsight"], "lowest reaching it on all of them")
-        + line("the round's", result["round"], "what the round ran with")
+        f"\nthreshold for web-caption precision {target:g} from {result['labels']} labelled web "
+        f"captions, judged on all {result['web_captions']:,}:\n"
+        + line("by the labels' lower 95% bound", result["calibrated"])
+        + line("by the labels' point estimate", result["point_estimate"])
+        + line("best in hindsight (the lowest)", result["hindsight"])
+        + line("the round's own", result["round"])
     )

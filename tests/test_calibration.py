@@ -259,6 +259,8 @@ def test_bad_label_files_and_flags_exit_2_with_one_line(round_dir, tmp_path, cap
         assert message in err, (case, err)
     code, _, err = calibrate(capsys, round_dir)
     assert code == 2 and "--labels FILE is required" in err
+    code, _, err = calibrate(capsys, tmp_path / "no-round", "--labels", tmp_path / "good.csv")
+    assert code == 2 and err.startswith("capfilt: error: ") and err.count("\n") == 1
     assert not (round_dir / "calibration.json").exists()
 
 

@@ -54,6 +54,13 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(ray_local, tmp_path, c
     assert sum(v["of"] for v in synthetic["by_error"].values()) == synthetic["of"]
     assert sum(v["kept"] for v in synthetic["by_error"].values()) == synthetic["kept"]
     assert "synthetic captions kept, by what they get wrong" in printed
+    # Half the web captions labelled from the truth calibrate the threshold; all of them judge it.
+    calibration = summary["calibration"]
+    assert (calibration["labels"], calibration["web_captions"]) == (96, 192)
+    assert calibration["round"]["kept"] == sum(v["kept"] for v in kinds.values())
+    assert len((out / "labels.csv").read_text().splitlines()) == 97
+    assert "threshold for web-caption precision 0.95 from 96 labelled web captions" in printed
+    assert (out / "round-1/capfilt/calibration.json").exists()
     # Every step wrote a valid manifest naming its parents; the round-1 model learned from
     # the CapFilt round, which used round 0's fine-tuned models.
     for step in STEP_MANIFESTS:
