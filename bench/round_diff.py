@@ -1,0 +1,96 @@
+"""Two rounds over the same shards, differing in one setting, and ``capfilt diff`` between them.
+
+    python bench/round_diff.py WORK [--images 400] [--change "--top-k 1"] [--out FILE.json]
+
+Writes tiny random models (``capfilt tiny-models``) and the web set of a demo world
+(capfilt/world/build.py) into WORK, runs round A with the defaults and 3 captions an image, then
+round B (its parent A) with ``--change`` added: by default ``--top-k 1``, greedy captions
+instead of nucleus sampling, the collapse BLIP's nucleus sampling avoids. Prints the diff and
+records it, with the timings, in bench/results/round-diff-DATE.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from capfilt.round_diff import diff_rounds
+from capfilt.tiny import write_tiny_models
+from capfilt.world.build import WorldSpec, build_world
+from pipelines.cli import main as capfilt
+from pipelines.diff_cli import summary_lines
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores, AVX-512, x86_64', from /proc/cpuinfo."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {simd}, {platform.machine()}"
+
+
+def commit() -> str:
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent)
+    return found.stdout.strip() or "unknown"
+
+
+def run_round(flags: list[str]) -> float:
+    began = time.perf_counter()
+    code = capfilt(["run", *flags])
+    if code != 0:
+        raise SystemExit(f"capfilt run {' '.join(flags)} exited {code}")
+    return round(time.perf_counter() - began, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work")
+    parser.add_argument("--images", type=int, default=400, help="web images of the world")
+    parser.add_argument("--change", default="--top-k 1", help="flags round B adds")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    work = Path(args.work)
+    models = write_tiny_models(work / "models")
+    world = build_world(work / "world", WorldSpec(n_clean=0, n_web=args.images, n_test=0,
+                                                  rows_per_shard=100))
+    common = ["--input", str(world.web), "--captioner", str(models["captioner"]),
+              "--filter", str(models["filter"]), "--num-captions", "3", "--workers", "1",
+              "--batch-size", "25"]
+    a, b = work / "round-a", work / "round-b"
+    seconds = {"round_a": run_round([*common, "--output", str(a)])}
+    change = shlex.split(args.change)
+    seconds["round_b"] = run_round([*common, *change, "--output", str(b), "--parent", str(a)])
+    began = time.perf_counter()
+    diff = diff_rounds(str(a), str(b), examples=3)
+    seconds["diff"] = round(time.perf_counter() - began, 2)
+    print("\n".join(summary_lines(diff)))
+    date = time.strftime("%Y-%m-%d")
+    result = {"date": date, "commit": commit(), "machine": machine(),
+              "command": f"python bench/round_diff.py WORK --images {args.images} "
+                         f"--change {shlex.quote(args.change)}",
+              "world": {"web_images": args.images, "rows_per_shard": 100},
+              "round_a": "tiny models, defaults, --num-captions 3", "round_b_adds": args.change,
+              "seconds": seconds, "diff": diff.to_dict()}
+    out = Path(args.out) if args.out else RESULTS / f"round-diff-{date}.json"
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
