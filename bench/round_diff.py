@@ -1,12 +1,14 @@
-"""Two rounds over the same shards, differing in one setting, and ``capfilt diff`` between them.
+"""Rounds over the same shards, differing in one setting, and ``capfilt diff`` between them.
 
-    python bench/round_diff.py WORK [--images 400] [--change "--top-k 1"] [--out FILE.json]
+    python bench/round_diff.py WORK [--images 400] [--change "--top-k 1" ...] [--out FILE.json]
 
 Writes tiny random models (``capfilt tiny-models``) and the web set of a demo world
 (capfilt/world/build.py) into WORK, runs round A with the defaults and 3 captions an image, then
-round B (its parent A) with ``--change`` added: by default ``--top-k 1``, greedy captions
-instead of nucleus sampling, the collapse BLIP's nucleus sampling avoids. Prints the diff and
-records it, with the timings, in bench/results/round-diff-DATE.json (or ``--out``).
+for each ``--change`` a round B (its parent A) with those flags added, and diffs it with A. By
+default two: ``--top-k 1``, greedy captions instead of nucleus sampling (the collapse BLIP's
+nucleus sampling avoids), and ``--policy topk --keep 2 --rank-by itc``, BLIP-2's ranking
+instead of BLIP's threshold. Prints the diffs and records them, with the timings, in
+bench/results/round-diff-DATE.json (or ``--out``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipelines.cli import main as capfilt
 from pipelines.diff_cli import summary_lines
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_CHANGES = ["--top-k 1", "--policy topk --keep 2 --rank-by itc"]
 
 
 def machine() -> str:
@@ -62,7 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work")
     parser.add_argument("--images", type=int, default=400, help="web images of the world")
-    parser.add_argument("--change", default="--top-k 1", help="flags round B adds")
+    parser.add_argument("--change", action="append", default=None,
+                        help="flags a round B adds to round A's (repeat for several)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = Path(args.work)
@@ -72,21 +76,26 @@ def main() -> None:
     common = ["--input", str(world.web), "--captioner", str(models["captioner"]),
               "--filter", str(models["filter"]), "--num-captions", "3", "--workers", "1",
               "--batch-size", "25"]
-    a, b = work / "round-a", work / "round-b"
-    seconds = {"round_a": run_round([*common, "--output", str(a)])}
-    change = shlex.split(args.change)
-    seconds["round_b"] = run_round([*common, *change, "--output", str(b), "--parent", str(a)])
-    began = time.perf_counter()
-    diff = diff_rounds(str(a), str(b), examples=3)
-    seconds["diff"] = round(time.perf_counter() - began, 2)
-    print("\n".join(summary_lines(diff)))
+    changes = args.change or DEFAULT_CHANGES
+    a = work / "round-a"
+    round_a_seconds = run_round([*common, "--output", str(a)])
+    diffs = []
+    for number, change in enumerate(changes, 1):
+        b = work / f"round-b{number}"
+        seconds = run_round([*common, *shlex.split(change), "--output", str(b), "--parent", str(a)])
+        began = time.perf_counter()
+        diff = diff_rounds(str(a), str(b), examples=3)
+        diff_seconds = round(time.perf_counter() - began, 2)
+        print("\n".join(summary_lines(diff)), end="\n\n")
+        diffs.append({"round_b_adds": change, "round_b_seconds": seconds,
+                      "diff_seconds": diff_seconds, "diff": diff.to_dict()})
     date = time.strftime("%Y-%m-%d")
     result = {"date": date, "commit": commit(), "machine": machine(),
               "command": f"python bench/round_diff.py WORK --images {args.images} "
-                         f"--change {shlex.quote(args.change)}",
+                         + " ".join(f"--change {shlex.quote(c)}" for c in changes),
               "world": {"web_images": args.images, "rows_per_shard": 100},
-              "round_a": "tiny models, defaults, --num-captions 3", "round_b_adds": args.change,
-              "seconds": seconds, "diff": diff.to_dict()}
+              "round_a": "tiny models (capfilt tiny-models), defaults, --num-captions 3",
+              "round_a_seconds": round_a_seconds, "diffs": diffs}
     out = Path(args.out) if args.out else RESULTS / f"round-diff-{date}.json"
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"written: {out}")
