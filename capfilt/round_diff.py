@@ -308,7 +308,8 @@ def _judge_diversity(diff: RoundDiff, samples: tuple[CaptionSample, CaptionSampl
 def collapse_warning(a: Diversity, b: Diversity, round_a: int, round_b: int) -> str | None:
     """One line when B's kept synthetic captions are much less varied than A's, else None."""
     found = []
-    if a.distinct_2 and b.distinct_2 is not None and b.distinct_2 < COLLAPSE_DISTINCT_2 * a.distinct_2:
+    if (a.distinct_2 and b.distinct_2 is not None
+            and b.distinct_2 < COLLAPSE_DISTINCT_2 * a.distinct_2):
         found.append(f"distinct-2 {a.distinct_2:.3f} -> {b.distinct_2:.3f} (fell by "
                      f"{1 - b.distinct_2 / a.distinct_2:.0%}, more than a third)")
     if (a.self_bleu_4 is not None and b.self_bleu_4 is not None

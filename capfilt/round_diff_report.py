@@ -83,7 +83,8 @@ def diff_html(diff: RoundDiff) -> str:
         ("rows rejected &rarr; scored", sum(rows["rejected_to_scored"].values()),
          _reasons(rows["rejected_to_scored"])),
     ]
-    body = "".join(f"<tr><th>{label}</th><td>{n}</td><td>{why}</td></tr>" for label, n, why in flips)
+    body = "".join(f"<tr><th>{label}</th><td>{n}</td><td>{why}</td></tr>"
+                   for label, n, why in flips)
     parts.append(f"<table><tr><th></th><th>count</th><th>why</th></tr>{body}</table>")
     da, db = a.diversity, b.diversity
     sides = [
