@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from capfilt.calibration_report import calibration_section
 from capfilt.images import ImageRejected, decode_image
+from capfilt.round_diff_report import parent_diff_section
 from capfilt.round_folder import shard_path
 from capfilt.svg_plots import bars, histogram
 from manifests import ManifestError, RoundManifest, read_manifest
@@ -86,6 +87,7 @@ def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
         "<h2>Rejected rows</h2>",
         _rejects_table(manifest),
         _lineage(manifest, round_dir),
+        parent_diff_section(round_dir, manifest),
         "<h2>Samples</h2>",
         _grid(chosen, images, threshold),
     ]

@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 REQUIRED = {"run": ("output", "captioner", "filter")}
 # Commands with their own modules: each has register(commands) -> {name: handler}.
 EXTENSIONS = ("pipelines.download", "pipelines.views", "pipelines.lineage", "pipelines.convert",
-              "pipelines.train_cli", "pipelines.calibrate_cli")
+              "pipelines.train_cli", "pipelines.calibrate_cli", "pipelines.diff_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
