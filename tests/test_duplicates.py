@@ -159,12 +159,18 @@ def test_near_mode_rejects_the_near_copy_and_off_scores_everything(ray_local, ti
     off = run_round(options(tiny_models, crawl, tmp_path / "off", dedup="off"))
     assert off.totals.rows_out == 12 and off.duplicates is None
     assert not (tmp_path / "off" / "duplicates.parquet").exists()
-    # The images both rounds scored got the same captions and scores: dedup changes which
-    # rows run, never what a row gets.
+    # The images both rounds scored got the same captions and scores (up to the float
+    # rounding of other batch compositions): dedup changes which rows run, not what a row gets.
     kept = pq.read_table(tmp_path / "near" / "shards").drop(["jpg"]).to_pylist()
     every = {r["key"]: r for r in pq.read_table(tmp_path / "off" / "shards").drop(["jpg"])
              .to_pylist()}
-    assert kept and all(every[row["key"]] == row for row in kept)
+    assert len(kept) == 10
+    for row in kept:
+        other = every[row["key"]]
+        assert (row["web_caption"], row["synthetic_captions"]) == (
+            other["web_caption"], other["synthetic_captions"])
+        assert row["web_itm"] == pytest.approx(other["web_itm"], abs=1e-5)
+        assert row["synthetic_itm"] == pytest.approx(other["synthetic_itm"], abs=1e-5)
 
 
 def test_a_lying_sha256_column_marks_nothing(crawl, tmp_path):
