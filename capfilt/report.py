@@ -167,6 +167,7 @@ def _summary(manifest: RoundManifest) -> str:
         ("web captions kept", f"{kept.get('web', 0)} of {texts.get('web', 0)}"),
         ("synthetic captions kept", f"{kept.get('synthetic', 0)} of {texts.get('synthetic', 0)}"),
         ("images left without text", t.images_without_kept),
+        ("repeated images", _repeats(manifest.duplicates)),
         ("captioner", next((m.source for m in manifest.models if m.role == "captioner"), "")),
         ("filter", next((m.source for m in manifest.models if m.role == "filter"), "")),
         ("policy", ", ".join(f"{k}={v}" for k, v in manifest.parameters.get("policy", {}).items())),
@@ -175,6 +176,15 @@ def _summary(manifest: RoundManifest) -> str:
     ]
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{_shown(str(v))}</td></tr>" for k, v in cells)
     return f'<table class="summary">{rows}</table>'
+
+
+def _repeats(duplicates: dict | None) -> str:
+    """Copies set aside (captioned and scored once) and near-copies found, or "not looked for"."""
+    if not duplicates:
+        return "not looked for (--dedup off)"
+    near = "rejected" if duplicates["near_dropped"] else "listed in duplicates.parquet"
+    return (f"{duplicates['exact']} copies rejected as duplicate_image, {duplicates['near']} "
+            f"near-copies {near}, of {duplicates['images']} images")
 
 
 def _model_share(timings: dict) -> str:

@@ -6,6 +6,7 @@
     ROUND/rejects/NNNNN.parquet  its rows that were not scored, with a reason
     ROUND/stats/NNNNN.json       its counts: written last, the shard's completion marker
     ROUND/plan.json              what the round was started with (a rerun must match it)
+    ROUND/duplicates.parquet     rows showing an image seen earlier in the round, and which
     ROUND/manifest.json          written last of all: the round's commit point
 
 The manifest and the stats name a shard's files relative to the round folder
@@ -69,6 +70,10 @@ def stats_path(root: str, index: int) -> str:
 
 def plan_path(root: str) -> str:
     return _join(root, "plan.json")
+
+
+def duplicates_path(root: str) -> str:
+    return _join(root, "duplicates.parquet")
 
 
 # Rows per parquet row group, as img2dataset writes them: training streams a round's shards in

@@ -33,8 +33,11 @@ IMG2DATASET_SCHEMA = pa.schema(
 )
 
 
-def draw_shape(shape: str, colour: str, size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), (245, 245, 240))
+def draw_shape(shape: str, colour: str, size: int = 64, shade: int = 0) -> Image.Image:
+    """``shape`` in ``colour`` on a light background tinted by ``shade`` (0 to 1,599): distinct
+    bytes for the same drawing, as a crawl holds one picture re-encoded, not copied."""
+    tint = (245 - shade % 40, 245 - shade // 40 % 40, 240)
+    image = Image.new("RGB", (size, size), tint)
     draw = ImageDraw.Draw(image)
     box = (size // 5, size // 5, size * 4 // 5, size * 4 // 5)
     fill = COLOURS[colour]
@@ -75,7 +78,7 @@ def sample_rows(shard: int, rows: int, seed: int) -> list[dict]:
         elif i == rows - 2:
             row["jpg"] = b"\xff\xd8\xff\xe0 truncated"  # a broken JPEG
         else:
-            data = jpeg_bytes(draw_shape(shape, colour))
+            data = jpeg_bytes(draw_shape(shape, colour, shade=(shard * rows + i) % 1600))
             row.update(jpg=data, width=64, height=64, original_width=64, original_height=64,
                        sha256=hashlib.sha256(data).hexdigest())
         out.append(row)

@@ -11,6 +11,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from capfilt.duplicate_index import EXACT, Mark
 from capfilt.round_folder import commit_shard, rejects_path, shard_path, tar_path
 from capfilt.shard_reader import ReaderOptions, ShardReadError, read_shard
 from capfilt.stage import OUTPUT_SCHEMA, REJECT_SCHEMA, CapFiltStage, reject_row
@@ -31,6 +32,7 @@ def run_shard(
     worker: str | None = None,
     write: tuple[str, ...] = (),
     on_rows: Callable[[int, int], None] = lambda done, total: None,
+    repeats: dict[str, Mark] | None = None,
 ) -> ShardResult:
     """Process a whole shard and commit it; a shard that cannot be read comes back failed.
 
@@ -43,6 +45,9 @@ def run_shard(
     ``write`` names extra views to write beside the parquet: ``("webdataset",)``.
     ``on_rows(done, total)`` hears after each batch how many of the shard's input rows are
     written or rejected (a shard of 100,000 rows runs for a while).
+    ``repeats`` (key -> ``Mark``): rows whose image the round has seen earlier
+    (``pipelines.duplicates``); they are rejected as ``duplicate_image`` or
+    ``near_duplicate_image``, naming the first, and never reach the models.
     """
     started = time.perf_counter()
     try:
@@ -54,9 +59,10 @@ def run_shard(
     for warning in shard.warnings:
         log.warning("%s: %s", input_path, warning)
     table, duplicates = split_duplicate_keys(shard.table)
-    outputs, rejects = [], [duplicates]
+    table, seen = split_repeated_images(table, repeats or {})
+    outputs, rejects = [], [duplicates, seen]
     spent = {"model": 0.0}
-    done = duplicates.num_rows
+    done = duplicates.num_rows + seen.num_rows
     on_rows(done, shard.table.num_rows)
     for rows, rejected in overlapped(stage, table, batch_size, spent):
         outputs.append(rows)
@@ -127,6 +133,21 @@ def split_duplicate_keys(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     later = table.filter(pc.invert(mask)).to_pylist()
     rejects = [reject_row(r, "duplicate_key", f"key {r['key']!r} appeared earlier in this shard")
                for r in later]
+    return table.filter(mask), pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+
+
+def split_repeated_images(table: pa.Table, repeats: dict[str, Mark]) -> tuple[pa.Table, pa.Table]:
+    """Set aside the rows ``repeats`` names (images seen earlier in the round) as rejects whose
+    message names the first copy."""
+    if not repeats:
+        return table, REJECT_SCHEMA.empty_table()
+    keys = table.column("key").to_pylist()
+    mask = pa.array([key not in repeats for key in keys], pa.bool_())
+    rejects = []
+    for row in table.filter(pc.invert(mask)).to_pylist():
+        mark = repeats[row["key"]]
+        reason = "duplicate_image" if mark.kind == EXACT else "near_duplicate_image"
+        rejects.append(reject_row(row, reason, mark.message()))
     return table.filter(mask), pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
 
 

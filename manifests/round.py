@@ -126,6 +126,8 @@ class RoundManifest:
     timings: dict[str, float]
     versions: dict[str, str]
     parent: str | None = None
+    # Images seen earlier in the round: mode, copies, near-copies (None: --dedup off)
+    duplicates: dict[str, Any] | None = None
     created_at: str = ""
     finished_at: str = ""
     kind: str = "capfilt-round"
@@ -147,6 +149,7 @@ class RoundManifest:
             timings=data["timings"],
             versions=data["versions"],
             parent=data.get("parent"),
+            duplicates=data.get("duplicates"),
             created_at=data.get("created_at", ""),
             finished_at=data.get("finished_at", ""),
             kind=data.get("kind", "capfilt-round"),

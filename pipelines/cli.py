@@ -180,6 +180,10 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     io.add_argument("--round", type=int, default=None,
                     help="round number in the bootstrap (default: the parent's + 1, or 1)")
     io.add_argument("--parent", default=None, help="the previous round's folder")
+    io.add_argument("--dedup", default="exact", choices=["off", "exact", "near"],
+                    help="images seen earlier in the round: exact (default) captions and scores "
+                    "a copy (same bytes) once and rejects the rest as duplicate_image; near "
+                    "also rejects near-copies (difference hash), which exact only lists; off")
 
     models = run.add_argument_group("models")
     models.add_argument("--captioner", help="BLIP captioner: folder or hub id")
@@ -247,7 +251,8 @@ def round_options(args: argparse.Namespace):
     return RoundOptions(inputs=args.input, output=args.output, stage=stage,
                         batch_size=args.batch_size, workers=args.workers, address=args.address,
                         settings=resolved_settings(args), reader=reader, round=number,
-                        parent=args.parent, write=tuple(sorted(set(args.write))))
+                        parent=args.parent, write=tuple(sorted(set(args.write))),
+                        dedup=args.dedup)
 
 
 def _next_round(parent: str | None) -> int:

@@ -149,6 +149,7 @@ def dispatch(
     write: tuple[str, ...] = (),
     on_worker: Callable[[int, str], None] = lambda label, state: None,
     on_rows: Callable[[int, int, int], None] = lambda label, done, total: None,
+    repeats: dict[int, dict] | None = None,
 ) -> list[ShardResult]:
     """Run every shard in ``todo`` (index, input path) on worker actors and return their
     ``ShardResult``s, one per shard, "done" or "failed".
@@ -162,7 +163,9 @@ def dispatch(
     progress line drawn then shows what every worker is doing; ``on_worker(label, state)``
     hears each worker's state change (loading, shard NNNNN, idle, restarting, could not
     start); ``on_rows(label, done, total)``, every ``ROWS_POLL_SECONDS`` while no shard
-    finishes, how many of its shard's rows each busy worker has written or rejected."""
+    finishes, how many of its shard's rows each busy worker has written or rejected.
+    ``repeats`` (shard index -> {key: ``Mark``}): rows each shard sets aside as images seen
+    earlier in the round (``pipelines.duplicates``)."""
     if not todo:
         return []
     resources = ray.cluster_resources()
@@ -208,7 +211,7 @@ def dispatch(
             label, actor = idle.popleft()
             index, path, attempt = queue.popleft()
             ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt,
-                                       write)
+                                       write, (repeats or {}).get(index))
             running[ref] = (label, actor, index, path, attempt)
             on_worker(label, f"shard {index:05d}")
         for label, _ in idle:

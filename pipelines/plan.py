@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from capfilt.duplicate_index import MODES
 from capfilt.generation_length import check_generation_length
 from capfilt.model_source import check_model_source, gives_itm, weights_sha256
 from capfilt.round_folder import finished_shard, plan_path, sweep_temporaries
@@ -40,6 +41,8 @@ class RoundOptions:
     parent: str | None = None
     settings: dict = field(default_factory=dict)  # as resolved from config and flags
     write: tuple[str, ...] = ()  # extra views per shard: "webdataset"
+    # Images seen earlier in the round: "exact" rejects copies, "near" near-copies too
+    dedup: str = "exact"
 
     def parameters(self) -> dict:
         """The settings that decide the output; a rerun must use the same ones."""
@@ -53,6 +56,7 @@ class RoundOptions:
             "reader": self.reader.to_dict(),
             "captioner": self.stage.captioner,
             "filter": self.stage.filter,
+            "dedup": self.dedup,
         }
 
 
@@ -74,6 +78,8 @@ def plan_round(options: RoundOptions) -> RoundPlan:
     """Check everything that can be checked up front, then list the shards still to run."""
     if options.batch_size < 1:
         raise PlanError("--batch-size must be at least 1")
+    if options.dedup not in MODES:
+        raise PlanError(f"--dedup {options.dedup!r}: use one of {', '.join(MODES)}")
     try:
         shards = expand_inputs(options.inputs)
     except ValueError as exc:

@@ -22,6 +22,7 @@ from manifests import (
 )
 from manifests.lineage import parent_as_stored
 from pipelines.dispatch import dispatch, ensure_ray
+from pipelines.duplicates import DuplicateIndex, index_duplicates, recorded_counts
 from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions, RoundPlan, plan_round
 from pipelines.progress import Progress
@@ -61,17 +62,23 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
     # Hashed by the plan, before the workers load them: a folder overwritten mid-round (a
     # training job saving into it) must not put the new weights' hash on data the old ones made.
     models = model_refs(options, plan.weights)
+    repeats = None
     if plan.todo:
         ensure_ray(options.address)
+        if options.dedup != "off":
+            repeats = index_duplicates(plan.shards, options.reader, options.dedup,
+                                       options.output)
         for result in dispatch(
             options.stage, plan.todo, options.output, options.batch_size, options.reader,
             options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
             options.write, progress.worker, progress.rows,
+            repeats.dropped if repeats else None,
         ):
             results[result.index] = result
     else:
         progress.show()
-    manifest = build_manifest(plan, results, models, created, time.perf_counter() - started)
+    manifest = build_manifest(plan, results, models, created, time.perf_counter() - started,
+                              repeats)
     validate_manifest(manifest.to_dict())
     write_manifest(options.output, manifest)
     log.info("manifest written: status %s, %d rows in, %d scored, %d rejected", manifest.status,
@@ -94,8 +101,10 @@ def model_refs(options: RoundOptions, weights: dict[str, str | None]) -> list[Mo
 
 
 def build_manifest(plan: RoundPlan, results: dict, models: list[ModelRef], created: str,
-                   seconds: float) -> RoundManifest:
+                   seconds: float, repeats: DuplicateIndex | None = None) -> RoundManifest:
     options = plan.options
+    duplicates = (repeats.counts if repeats else recorded_counts(options.output, options.dedup))
+    timings = {"dedup_seconds": round(repeats.seconds, 3)} if repeats else {}
     shards = [name_parts_in_round(results[i]) for i in sorted(results)]
     totals = Totals.of(shards)
     images = sum(r.rows_out for i, r in results.items() if i not in plan.done)
@@ -116,6 +125,7 @@ def build_manifest(plan: RoundPlan, results: dict, models: list[ModelRef], creat
     return RoundManifest(
         round=options.round,
         parent=parent_as_stored(options.output, options.parent),
+        duplicates={"mode": options.dedup, **duplicates} if duplicates is not None else None,
         status="complete" if complete else "incomplete",
         created_at=created,
         finished_at=now(),
@@ -130,6 +140,7 @@ def build_manifest(plan: RoundPlan, results: dict, models: list[ModelRef], creat
             "shard_seconds": round(shard_seconds, 3),
             "model_seconds": round(model_seconds, 3),  # of shard_seconds, in the models
             "images_per_second": round(images / seconds, 3) if seconds > 0 else 0.0,
+            **timings,
         },
         versions=job_versions(),
     )

@@ -47,7 +47,9 @@ def make_site(folder: Path, images: int) -> list[tuple[str, str]]:
     pairs = []
     colours = list(COLOURS)
     for i in range(images):
-        shape, colour = SHAPES[i % len(SHAPES)], colours[i % len(colours)]
+        # Every (shape, colour) once before any repeats: twelve images, twelve drawings.
+        shape = SHAPES[i % len(SHAPES)]
+        colour = colours[(i + i // len(colours)) % len(colours)]
         (folder / f"{i:03d}.jpg").write_bytes(jpeg_bytes(draw_shape(shape, colour)))
         pairs.append((f"{i:03d}.jpg", f"a {colour} {shape}"))
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
@@ -58,8 +60,15 @@ def make_site(folder: Path, images: int) -> list[tuple[str, str]]:
 
 def img2dataset_download(site: Path, work: Path, output_format: str, per_shard: int,
                          images: int) -> Path:
-    """Run the real ``img2dataset`` command; return its output folder."""
-    pairs = make_site(site, images)
+    """Run the real ``img2dataset`` command over a site of drawn images; return its output
+    folder."""
+    return download_site(site, make_site(site, images), work, output_format, per_shard)
+
+
+def download_site(site: Path, pairs: list[tuple[str, str]], work: Path, output_format: str,
+                  per_shard: int) -> Path:
+    """Serve ``site`` and download its (file name, caption) ``pairs`` with the real
+    ``img2dataset`` command, ``per_shard`` rows a shard, in the order given."""
     out = work / f"img2dataset-{output_format}"
     with serve_folder(site) as base:
         urls = work / f"urls-{output_format}.parquet"

@@ -59,14 +59,15 @@ class ShardWorker:
         return self.rows_done
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
-                reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = ()) -> dict:
+                reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = (),
+                repeats: dict | None = None) -> dict:
         from capfilt.shard_runner import run_shard
 
         node = ray.get_runtime_context().get_node_id()[:12]
         self.rows_done = (0, 0)
         result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
                            worker=f"{node}/{os.getpid()}", write=write,
-                           on_rows=self._count_rows)
+                           on_rows=self._count_rows, repeats=repeats)
         return result.__dict__
 
     def _count_rows(self, done: int, total: int) -> None:
