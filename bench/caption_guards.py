@@ -98,7 +98,18 @@ def demo_round(demo: Path, work: Path) -> dict:
             "synthetic": {k: audit["synthetic"][k] for k in ("correct", "kept_correct", "kept",
                                                                "of")},
             "demo_round_synthetic_kept": theirs.totals.kept_by_source.get("synthetic"),
-            "captions_as_in_the_demo_round": same}
+            "captions_as_in_the_demo_round": same, "guarded_examples": _guarded(out)}
+
+
+def _guarded(folder: Path, most: int = 10) -> list[dict]:
+    """The first ``most`` captions set aside, with their reasons."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(folder / "shards", columns=["key", "synthetic_captions",
+                                                      "synthetic_guard"]).to_pylist()
+    found = [{"key": row["key"], "reason": reason, "caption": text} for row in rows
+             for text, reason in zip(row["synthetic_captions"], row["synthetic_guard"]) if reason]
+    return found[:most]
 
 
 def _same_captions(a: Path, b: Path) -> dict:

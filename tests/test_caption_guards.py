@@ -1,6 +1,7 @@
 """Caption guards: a synthetic caption that is empty, loops, is mostly non-words or was cut at
 the length limit is set aside unscored with its reason, never selected, and counted."""
 
+import json
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from capfilt.shard_runner import run_shard
 from capfilt.stage_config import SamplingConfig, StageConfig
 from capfilt.train.sources import round_captions
 from manifests import read_manifest
+from manifests.lineage import describe
 from pipelines.cli import parse_args, round_options
 from pipelines.plan import PlanError, RoundOptions, plan_round
 from tests.conftest import NO_GUARDS, make_stage
@@ -189,6 +191,8 @@ def test_a_round_counts_records_and_reports_its_guards(url_list_round, tiny_mode
     each = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
     assert f"<th>synthetic captions guarded</th><td>{total} ({each})</td>" in page
     assert "guarded: " in page  # the sample grid names a guarded caption's reason
+    shown = describe(str(round_dir), manifest)  # capfilt show
+    assert f"synthetic captions set aside {json.dumps(dict(reasons), sort_keys=True)}" in shown
 
 
 def test_flags_and_config_set_the_guards_and_a_rerun_must_match(tiny_models, tmp_path,
