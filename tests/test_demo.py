@@ -54,6 +54,12 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(ray_local, tmp_path, c
     assert sum(v["of"] for v in synthetic["by_error"].values()) == synthetic["of"]
     assert sum(v["kept"] for v in synthetic["by_error"].values()) == synthetic["kept"]
     assert "synthetic captions kept, by what they get wrong" in printed
+    # The caption guards' counts, audited: each reason's captions and the right ones among them.
+    guarded = summary["audit"]["guarded"]
+    capfilt = read_json(str(out / "round-1" / "capfilt" / "manifest.json"))
+    assert {k: v["of"] for k, v in guarded.items()} == capfilt["totals"]["guarded_by_reason"]
+    assert all(0 <= v["right"] <= v["of"] for v in guarded.values())
+    assert "synthetic captions set aside by the caption guards" in printed
     # Every step wrote a valid manifest naming its parents; the round-1 model learned from
     # the CapFilt round, which used round 0's fine-tuned models.
     for step in STEP_MANIFESTS:
