@@ -2,8 +2,8 @@
 
 Decode each image once (capfilt/decoding.py), caption it, set aside the synthetic captions a
 caption guard refuses (capfilt/caption_guards.py), score the web caption and every other
-synthetic caption, and record what the policy keeps. The same object runs in a test, in a plain loop
-and inside a Ray actor.
+synthetic caption, and record what the policy keeps. The same object runs in a test, in a plain
+loop and inside a Ray actor.
 """
 
 from __future__ import annotations
