@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from capfilt.attention import captions_share_image, uses_sdpa
+from capfilt.caption_guards import Caption
 from capfilt.generation_length import fit_generation
 from capfilt.models import LoadedModel
 from capfilt.sampling import (
@@ -55,8 +56,13 @@ class Captioner:
         # top-k: sample among the top-k tokens only, not over the whole vocabulary (sampling.py)
         self.candidates = sampling.top_k is not None and 0 < sampling.top_k < text_config.vocab_size
 
-    @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """The captions' texts, ``num_captions`` per image."""
+        return [[c.text for c in group] for group in self.captions(pixel_values, keys)]
+
+    @torch.inference_mode()
+    def captions(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[Caption]]:
+        """The captions with whether each ended before ``max_new_tokens`` (caption guards)."""
         if self.sampling.num_captions == 0 or not keys:
             return [[] for _ in keys]
         pixels = pixel_values.to(self.device, self.dtype)
@@ -144,11 +150,14 @@ class Captioner:
         )
         return out[:, self.prompt_ids.numel() :]
 
-    def _decode(self, tokens: torch.Tensor) -> list[str]:
+    def _decode(self, tokens: torch.Tensor) -> list[Caption]:
+        """Each row's text up to its end token; a row without one ran to ``max_new_tokens``."""
         texts = []
         for row in tokens.tolist():
-            if self.eos_id in row:
+            ended = self.eos_id in row
+            if ended:
                 row = row[: row.index(self.eos_id)]
             row = [t for t in row if t not in self.task_ids]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(Caption(self.tokenizer.decode(row, skip_special_tokens=True).strip(),
+                                 ended))
         return texts

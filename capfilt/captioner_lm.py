@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
+from capfilt.caption_guards import Caption
 from capfilt.generation_length import fit_generation
 from capfilt.models import LoadedModel
 from capfilt.seeding import caption_seed
@@ -39,6 +40,10 @@ class LanguageModelCaptioner:
         if positions and not config.text_config.is_encoder_decoder:  # T5's are relative
             fit_generation(f"captioner model {self.model.name_or_path}", sampling.max_new_tokens,
                            len(ids), positions)
+        # What ends a caption: generate's end tokens (one id or several); a row without one
+        # ran to max_new_tokens.
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.instruct = isinstance(self.model, InstructBlipForConditionalGeneration)
         if self.instruct:
             qformer = self.processor.qformer_tokenizer(sampling.prompt.strip(), return_tensors="pt")
@@ -47,13 +52,18 @@ class LanguageModelCaptioner:
         else:
             self.qformer_inputs = {}
 
-    @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """The captions' texts, ``num_captions`` per image."""
+        return [[c.text for c in group] for group in self.captions(pixel_values, keys)]
+
+    @torch.inference_mode()
+    def captions(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[Caption]]:
+        """The captions with whether each ended before ``max_new_tokens`` (caption guards)."""
         pixels = pixel_values.to(self.device, self.dtype)
         return [[self._one(pixels[i : i + 1], key, n) for n in range(self.sampling.num_captions)]
                 for i, key in enumerate(keys)]
 
-    def _one(self, pixels: torch.Tensor, key: str, index: int) -> str:
+    def _one(self, pixels: torch.Tensor, key: str, index: int) -> Caption:
         cfg = self.sampling
         options = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
                    "repetition_penalty": cfg.repetition_penalty}
@@ -71,4 +81,5 @@ class LanguageModelCaptioner:
         row = out[index if cfg.method == "beam" else 0]
         if not self.model.config.text_config.is_encoder_decoder:
             row = row[self.input_ids.shape[1] :]  # decoder-only output repeats the prompt
-        return self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+        text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+        return Caption(text, ended=not self.eos_ids.isdisjoint(row.tolist()))

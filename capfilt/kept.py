@@ -23,7 +23,9 @@ def kept_texts(row: dict) -> list[KeptText]:
     """The row's kept texts in kept order (for a ranking policy, best first)."""
     synthetic = list(zip(row.get("synthetic_captions") or [], row.get("synthetic_itm") or [],
                          row.get("synthetic_itc") or []))
-    used: set[int] = set()
+    # A caption a guard set aside was never a candidate: a kept copy of its text is another one.
+    reasons = row.get("synthetic_guard") or []
+    used: set[int] = {i for i, reason in enumerate(reasons) if reason is not None}
     found = []
     for caption, source in zip(row.get("kept_captions") or [], row.get("kept_sources") or []):
         if source == WEB:

@@ -27,6 +27,7 @@ from manifests.store import write_text_atomic
 
 SCORE_COLUMNS = ["key", "url", "web_caption", "web_itm", "web_itc", "synthetic_captions",
                  "synthetic_itm", "synthetic_itc", "kept_captions", "kept_sources"]
+GUARD_COLUMN = "synthetic_guard"  # absent from rounds written before caption guards
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 EDGE = 0.05  # "just above / below the threshold" means within this much of it
 MAX_ROUNDS_BACK = 20
@@ -59,7 +60,9 @@ def _read(url: str, columns: list[str]):
         raise ValueError(f"{url} is missing from the round; capfilt validate lists what "
                          "else is") from exc
     with handle:
-        return pq.read_table(handle, columns=columns)
+        file = pq.ParquetFile(handle)
+        names = set(file.schema_arrow.names)
+        return file.read(columns=[c for c in columns if c in names or c != GUARD_COLUMN])
 
 
 def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
@@ -71,7 +74,7 @@ def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
     for shard in manifest.shards:
         if shard.status == "done":
             rows[shard.index] = _read(shard_path(round_dir, shard.index),
-                                      SCORE_COLUMNS).to_pylist()
+                                      SCORE_COLUMNS + [GUARD_COLUMN]).to_pylist()
     chosen = choose_samples(rows, threshold, samples, seed)
     images = _thumbnails(round_dir, chosen)
     body = [
@@ -166,6 +169,7 @@ def _summary(manifest: RoundManifest) -> str:
         ("rows rejected", t.rows_rejected),
         ("web captions kept", f"{kept.get('web', 0)} of {texts.get('web', 0)}"),
         ("synthetic captions kept", f"{kept.get('synthetic', 0)} of {texts.get('synthetic', 0)}"),
+        ("synthetic captions guarded", _guarded(t.guarded_by_reason)),
         ("images left without text", t.images_without_kept),
         ("repeated images", _repeats(manifest.duplicates)),
         ("captioner", next((m.source for m in manifest.models if m.role == "captioner"), "")),
@@ -187,6 +191,14 @@ def _repeats(duplicates: dict | None) -> str:
             f"near-copies {near}, of {duplicates['images']} images")
 
 
+def _guarded(reasons: dict[str, int]) -> str:
+    """Synthetic captions the caption guards set aside unscored, in all and by reason."""
+    if not reasons:
+        return "0"
+    each = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+    return f"{sum(reasons.values())} ({each})"
+
+
 def _model_share(timings: dict) -> str:
     """The models' share of the shards' time: well below 1, the workers wait on input."""
     shard, model = timings.get("shard_seconds", 0), timings.get("model_seconds")
@@ -200,7 +212,7 @@ def _score_plots(rows, threshold: float, policy: dict) -> str:
     itm = {"web": [r["web_itm"] for r in flat if r["web_itm"] is not None],
            "synthetic": [v for r in flat for v in r["synthetic_itm"] if v is not None]}
     itc = {"web": [r["web_itc"] for r in flat if r["web_itc"] is not None],
-           "synthetic": [v for r in flat for v in r["synthetic_itc"]]}
+           "synthetic": [v for r in flat for v in r["synthetic_itc"] if v is not None]}
     marker = threshold if policy.get("mode", "threshold") in ("threshold", "both") else None
     return '<div class="plots">' + histogram(
         itm, 0.0, 1.0, 20, "ITM match probability", marker, f"threshold {threshold:g}"
@@ -280,8 +292,11 @@ def _grid(chosen: list[Sample], images: dict, threshold: float) -> str:
         if r["web_caption"] is not None:
             lines.append(_caption_line("web", r["web_caption"], r["web_itm"], r["web_itc"],
                                        "web" in r["kept_sources"] and r["web_caption"] in kept))
-        for text, itm, itc in zip(r["synthetic_captions"], r["synthetic_itm"], r["synthetic_itc"]):
-            lines.append(_caption_line("synthetic", text, itm, itc, text in kept))
+        reasons = r.get(GUARD_COLUMN) or [None] * len(r["synthetic_captions"])
+        for text, itm, itc, reason in zip(r["synthetic_captions"], r["synthetic_itm"],
+                                          r["synthetic_itc"], reasons):
+            lines.append(_caption_line("synthetic", text, itm, itc,
+                                       text in kept and reason is None, reason))
         src = images.get((sample.shard, sample.row), "")
         picture = f'<img src="{src}" alt="">' if src else '<div class="noimg">no image</div>'
         cards.append(
@@ -293,12 +308,15 @@ def _grid(chosen: list[Sample], images: dict, threshold: float) -> str:
     return f'<div class="grid">{"".join(cards)}</div>'
 
 
-def _caption_line(source: str, text: str, itm: float | None, itc: float, kept: bool) -> str:
+def _caption_line(source: str, text: str, itm: float | None, itc: float | None, kept: bool,
+                  guarded: str | None = None) -> str:
     mark = "kept" if kept else "dropped"
     itm_text = "-" if itm is None else f"{itm:.3f}"
+    score = (f"guarded: {_shown(guarded)}" if guarded is not None
+             else f"ITM {itm_text} &middot; ITC {itc:.3f}")
     return (f'<li class="{mark} {source}"><span class="badge">{"&#10003;" if kept else "&#10007;"}'
             f'</span> <b>{source}</b> {_shown(text)} '
-            f'<span class="score">ITM {itm_text} &middot; ITC {itc:.3f}</span></li>')
+            f'<span class="score">{score}</span></li>')
 
 
 PAGE = """<!DOCTYPE html>

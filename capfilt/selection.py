@@ -79,16 +79,21 @@ def candidates(
     web_itm: float | None,
     web_itc: float | None,
     synthetic: list[str],
-    synthetic_itm: list[float],
-    synthetic_itc: list[float],
+    synthetic_itm: list[float | None],
+    synthetic_itc: list[float | None],
+    synthetic_guard: list[str | None] | None = None,
 ) -> list[Candidate]:
-    """An image's scored texts, web first; a missing web caption is simply not a candidate."""
+    """An image's scored texts, web first; a missing web caption is simply not a candidate,
+    nor is a synthetic caption a caption guard set aside (its reason in ``synthetic_guard``,
+    capfilt/caption_guards.py: it has no scores)."""
     found = []
     if web_caption is not None and (web_itm is not None or web_itc is not None):
         found.append(Candidate(web_caption, WEB, web_itm, web_itc))
+    guards = synthetic_guard or [None] * len(synthetic)
     found += [
         Candidate(text, SYNTHETIC, itm, itc)
-        for text, itm, itc in zip(synthetic, synthetic_itm, synthetic_itc)
+        for text, itm, itc, reason in zip(synthetic, synthetic_itm, synthetic_itc, guards)
+        if reason is None
     ]
     return found
 

@@ -152,8 +152,11 @@ def split_repeated_images(table: pa.Table, repeats: dict[str, Mark]) -> tuple[pa
 
 
 def shard_counts(rows: pa.Table, rejects: pa.Table) -> dict:
-    """Counts the manifest sums: rejects by reason, texts scored and kept by source."""
+    """Counts the manifest sums: rejects by reason, texts written and kept by source, and
+    synthetic captions set aside by each caption guard."""
     kept = Counter(s for sources in rows.column("kept_sources").to_pylist() for s in sources)
+    guarded = Counter(r for reasons in rows.column("synthetic_guard").to_pylist()
+                      for r in reasons if r is not None)
     texts = Counter()
     texts["web"] = rows.num_rows - rows.column("web_caption").null_count
     texts["synthetic"] = sum(len(c) for c in rows.column("synthetic_captions").to_pylist())
@@ -162,4 +165,5 @@ def shard_counts(rows: pa.Table, rejects: pa.Table) -> dict:
         "kept_by_source": {"web": kept.get("web", 0), "synthetic": kept.get("synthetic", 0)},
         "texts_by_source": dict(texts),
         "images_without_kept": sum(1 for k in rows.column("kept_captions").to_pylist() if not k),
+        "guarded_by_reason": dict(guarded),
     }

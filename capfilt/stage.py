@@ -1,8 +1,9 @@
 """The CapFilt step: input rows -> (scored rows, reject rows), both Arrow tables.
 
-Decode each image once (capfilt/decoding.py), caption it, score the web caption and every synthetic
-caption, and record what the policy keeps. The same object runs in a test, in a plain loop
-and inside a Ray actor.
+Decode each image once (capfilt/decoding.py), caption it, set aside the synthetic captions a
+caption guard refuses (capfilt/caption_guards.py), score the web caption and every other
+synthetic caption, and record what the policy keeps. The same object runs in a test, in a plain
+loop and inside a Ray actor.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
+from capfilt.caption_guards import CaptionGuards, guard
 from capfilt.captioner import Captioner
 from capfilt.captioners import make_captioner
 from capfilt.decoding import ProcessDecoder, ThreadDecoder
@@ -43,6 +45,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("synthetic_itc", pa.list_(pa.float32())),
         ("kept_captions", pa.list_(pa.string())),
         ("kept_sources", pa.list_(pa.string())),
+        # Per synthetic caption: the caption guard's reason, null where it passed and was scored.
+        ("synthetic_guard", pa.list_(pa.string())),
     ]
 )
 REJECT_SCHEMA = pa.schema(
@@ -76,14 +80,19 @@ def clean_caption(text: str | None) -> str | None:
 
 
 class CapFiltStage:
-    """Input rows (``input_rows.INPUT_SCHEMA``) -> (``OUTPUT_SCHEMA``, ``REJECT_SCHEMA``)."""
+    """Input rows (``input_rows.INPUT_SCHEMA``) -> (``OUTPUT_SCHEMA``, ``REJECT_SCHEMA``).
+
+    ``guards``: which synthetic captions are set aside unscored (default: every guard on).
+    """
 
     def __init__(self, captioner: Captioner, scorer: Scorer, policy: Policy,
                  caption_transform: ImageTransform, filter_transform: ImageTransform,
-                 decode_threads: int = 2, decode_processes: int = 0):
+                 decode_threads: int = 2, decode_processes: int = 0,
+                 guards: CaptionGuards = CaptionGuards()):
         self.captioner = captioner
         self.scorer = scorer
         self.policy = policy
+        self.guards = guards
         self.caption_transform = caption_transform
         self.filter_transform = filter_transform
         # decode_processes > 0: decoding in that many processes (GPU workers: capfilt/decoding.py)
@@ -96,7 +105,7 @@ class CapFiltStage:
     def from_config(cls, config: StageConfig) -> CapFiltStage:
         """The stage a worker runs: both models loaded (``from_pretrained``, refused when their
         weights do not fill them) on ``config.device`` in ``config.dtype``, with the sampling,
-        policy, seed, ITM token and image decoding ``config`` names."""
+        policy, caption guards, seed, ITM token and image decoding ``config`` names."""
         captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype,
                                      config.attention)
         filter_model = load_model(config.filter, "filter", config.device, config.dtype,
@@ -109,6 +118,7 @@ class CapFiltStage:
             ImageTransform.from_processor(filter_model.processor.image_processor),
             config.decode_threads,
             config.decode_processes,
+            config.guards,
         )
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -182,18 +192,24 @@ class CapFiltStage:
     def _score(self, batch: Prepared) -> list[dict]:
         keys = [row["key"] for row in batch.rows]
         caption_pixels, filter_pixels = self.device_pixels(batch)
-        synthetic = self.captioner(caption_pixels, keys)
-        webs, texts = scored_texts(batch.rows, synthetic)
+        generated = self.captioner.captions(caption_pixels, keys)
+        reasons = [[guard(c, self.guards) for c in group] for group in generated]
+        passed = [[c.text for c, why in zip(group, whys) if why is None]
+                  for group, whys in zip(generated, reasons)]
+        webs, texts = scored_texts(batch.rows, passed)
         itm, itc = self.scorer(filter_pixels, texts)
         out = []
-        for row, (width, height), web, caps, itm_i, itc_i in zip(
-            batch.rows, batch.sizes, webs, synthetic, itm, itc
+        for row, (width, height), web, group, whys, itm_i, itc_i in zip(
+            batch.rows, batch.sizes, webs, generated, reasons, itm, itc
         ):
             offset = 1 if web else 0
             web_itm = itm_i[0] if web else None
             web_itc = itc_i[0] if web else None
+            caps = [c.text for c in group]
+            synthetic_itm = unguarded_scores(itm_i[offset:], whys)
+            synthetic_itc = unguarded_scores(itc_i[offset:], whys)
             kept = select(
-                candidates(web, web_itm, web_itc, caps, itm_i[offset:], itc_i[offset:]),
+                candidates(web, web_itm, web_itc, caps, synthetic_itm, synthetic_itc, whys),
                 self.policy,
             )
             out.append(
@@ -207,10 +223,11 @@ class CapFiltStage:
                     "web_itm": web_itm,
                     "web_itc": web_itc,
                     "synthetic_captions": caps,
-                    "synthetic_itm": itm_i[offset:],
-                    "synthetic_itc": itc_i[offset:],
+                    "synthetic_itm": synthetic_itm,
+                    "synthetic_itc": synthetic_itc,
                     "kept_captions": [c.text for c in kept],
                     "kept_sources": [c.source for c in kept],
+                    "synthetic_guard": whys,
                 }
             )
         return out
@@ -221,6 +238,13 @@ def scored_texts(rows: list[dict], synthetic: list[list[str]]):
     the web caption, when there is one, then its synthetic captions."""
     webs = [clean_caption(row["caption"]) for row in rows]
     return webs, [([web] if web else []) + caps for web, caps in zip(webs, synthetic)]
+
+
+def unguarded_scores(scores: list[float], reasons: list[str | None]) -> list[float | None]:
+    """The scores of the captions that passed their guards, in place among all of an image's
+    synthetic captions: None where a guard set the caption aside (it was never scored)."""
+    given = iter(scores)
+    return [next(given) if reason is None else None for reason in reasons]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from capfilt.caption_guards import CaptionGuards
 from capfilt.selection import Policy, check_choice, check_number, check_whole
 
 
@@ -68,6 +69,7 @@ class StageConfig:
     decode_threads: int = 2
     decode_processes: int = 0  # > 0: decode in processes, not threads (GPU workers)
     attention: str = "sdpa"  # "eager": Hugging Face's own BLIP attention modules
+    guards: CaptionGuards = field(default_factory=CaptionGuards)
 
     def __post_init__(self):
         """Settings a worker would only trip on after loading its models: refused here."""

@@ -113,6 +113,9 @@ def describe(folder: str, manifest: RoundManifest) -> str:
         lines.append(f"  {source} texts kept: {t.kept_by_source.get(source, 0)} of "
                      f"{t.texts_by_source.get(source, 0)} ({shown})")
     lines.append(f"  images with no kept text: {t.images_without_kept}")
+    if "guards" in p:  # rounds before caption guards recorded none
+        lines.append(f"  caption guards: {json.dumps(p['guards'], sort_keys=True)}; synthetic "
+                     f"captions set aside {json.dumps(t.guarded_by_reason, sort_keys=True)}")
     for shard in manifest.shards:
         extra = f", tar {shard.webdataset_samples} samples" if shard.webdataset else ""
         state = shard.status if shard.status == "done" else f"FAILED: {shard.error}"

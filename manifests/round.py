@@ -62,6 +62,8 @@ class ShardResult:
     kept_by_source: dict[str, int] = field(default_factory=dict)
     texts_by_source: dict[str, int] = field(default_factory=dict)
     images_without_kept: int = 0
+    # Synthetic captions a caption guard set aside unscored, by reason (capfilt/caption_guards.py)
+    guarded_by_reason: dict[str, int] = field(default_factory=dict)
     input_sha256: str | None = None
     input_bytes: int | None = None
     seconds: float = 0.0
@@ -87,6 +89,7 @@ class Totals:
     kept_by_source: dict[str, int] = field(default_factory=dict)
     texts_by_source: dict[str, int] = field(default_factory=dict)
     images_without_kept: int = 0
+    guarded_by_reason: dict[str, int] = field(default_factory=dict)
     shards_done: int = 0
     shards_failed: int = 0
 
@@ -106,6 +109,7 @@ class Totals:
                 (totals.rejects_by_reason, shard.rejects_by_reason),
                 (totals.kept_by_source, shard.kept_by_source),
                 (totals.texts_by_source, shard.texts_by_source),
+                (totals.guarded_by_reason, shard.guarded_by_reason),
             ):
                 for key, count in theirs.items():
                     mine[key] = mine.get(key, 0) + count

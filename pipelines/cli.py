@@ -211,6 +211,18 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
     policy.add_argument("--keep", type=int, default=2, help="texts kept per image by topk")
     policy.add_argument("--rank-by", default="itm", choices=["itm", "itc"])
 
+    guards = run.add_argument_group(
+        "caption guards", "synthetic captions set aside unscored, each with its reason")
+    guards.add_argument("--caption-guards", action=argparse.BooleanOptionalAction, default=True,
+                        help="guard synthetic captions (--no-caption-guards: score them all)")
+    guards.add_argument("--max-repeat-share", type=float, default=0.4,
+                        help="most of a caption's word n-grams that may repeat (1: off)")
+    guards.add_argument("--repeat-ngram", type=int, default=2, help="n of those n-grams")
+    guards.add_argument("--min-word-share", type=float, default=0.5,
+                        help="least share of a caption's tokens that must be words (0: off)")
+    guards.add_argument("--reject-unfinished", action=argparse.BooleanOptionalAction,
+                        default=True, help="set aside a caption cut at --max-new-tokens")
+
     engine = run.add_argument_group("engine")
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--batch-size", type=int, default=16)
@@ -224,6 +236,7 @@ def add_round_arguments(run: argparse.ArgumentParser) -> None:
 def round_options(args: argparse.Namespace):
     """The round ``args`` ask for; every setting is checked here, before any work (a setting
     the manifest's schema refuses would otherwise fail the round at its commit)."""
+    from capfilt.caption_guards import CaptionGuards
     from capfilt.selection import Policy, check_whole
     from capfilt.shard_reader import ReaderOptions
     from capfilt.stage_config import SamplingConfig, StageConfig
@@ -237,9 +250,12 @@ def round_options(args: argparse.Namespace):
     )
     policy = Policy(mode=args.policy, threshold=args.threshold, top_k=args.keep,
                     rank_by=args.rank_by)
+    guards = CaptionGuards(enabled=args.caption_guards, max_repeat_share=args.max_repeat_share,
+                           repeat_ngram=args.repeat_ngram, min_word_share=args.min_word_share,
+                           reject_unfinished=args.reject_unfinished)
     stage = StageConfig(captioner=args.captioner, filter=args.filter, sampling=sampling,
                         policy=policy, seed=args.seed, dtype=args.dtype,
-                        itm_token=args.itm_token)
+                        itm_token=args.itm_token, guards=guards)
     reader = ReaderOptions(image_column=args.image_column, caption_column=args.caption_column,
                            key_column=args.key_column, url_column=args.url_column)
     check_whole("--batch-size", args.batch_size, 1)
@@ -278,6 +294,8 @@ def print_summary(manifest, output: str) -> None:
     print(f"  texts kept: {json.dumps(t.kept_by_source, sort_keys=True)} of "
           f"{json.dumps(t.texts_by_source, sort_keys=True)}; "
           f"{t.images_without_kept} images kept no text")
+    if t.guarded_by_reason:
+        print(f"  synthetic captions guarded: {json.dumps(t.guarded_by_reason, sort_keys=True)}")
     print(f"  {manifest.timings['wall_seconds']:.1f}s, "
           f"{manifest.timings['images_per_second']:.1f} images/s")
     print(terminal_safe(f"  report: {output.rstrip('/')}/report.html"))

@@ -158,7 +158,14 @@ def describe_audit(audit: dict) -> str:
         f"synthetic captions stating their image correctly: {s['correct']} of all, "
         f"{s['kept_correct']} of the {s['kept']} kept\n"
         f"synthetic captions kept, by what they get wrong: {_kept_of(s['by_error'])}\n"
+        f"synthetic captions set aside by the caption guards (right ones among them): "
+        f"{_guarded(audit.get('guarded', {}))}\n"
     )
+
+
+def _guarded(counts: dict) -> str:
+    return ", ".join(f"{reason} {v['of']} ({v['right']})"
+                     for reason, v in counts.items()) or "none"
 
 
 def _kept_of(counts: dict) -> str:

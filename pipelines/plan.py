@@ -52,6 +52,7 @@ class RoundOptions:
             "dtype": self.stage.dtype,
             "sampling": self.stage.sampling.to_dict(),
             "policy": self.stage.policy.to_dict(),
+            "guards": self.stage.guards.to_dict(),
             "itm_token": self.stage.itm_token,
             "reader": self.reader.to_dict(),
             "captioner": self.stage.captioner,

@@ -10,6 +10,7 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 import pytest
 
+from capfilt.caption_guards import CaptionGuards
 from capfilt.captioner import Captioner
 from capfilt.image_transform import ImageTransform
 from capfilt.models import load_model
@@ -52,13 +53,20 @@ def loaded(tiny_models):
     }
 
 
-def make_stage(loaded, sampling=SamplingConfig(), policy=Policy(), seed=0) -> CapFiltStage:
+# The tiny random captioner writes word pieces until its length limit, which the caption guards
+# set aside unscored; tests of scoring and selection turn the guards off to score every caption.
+NO_GUARDS = CaptionGuards(enabled=False)
+
+
+def make_stage(loaded, sampling=SamplingConfig(), policy=Policy(), seed=0,
+               guards=CaptionGuards()) -> CapFiltStage:
     return CapFiltStage(
         Captioner(loaded["captioner"], sampling, seed),
         Scorer(loaded["filter"]),
         policy,
         ImageTransform.from_processor(loaded["captioner"].processor.image_processor),
         ImageTransform.from_processor(loaded["filter"].processor.image_processor),
+        guards=guards,
     )
 
 

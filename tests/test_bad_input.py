@@ -12,7 +12,7 @@ from PIL import Image
 
 from capfilt.sample_shards import draw_shape, jpeg_bytes
 from capfilt.shard_runner import run_shard
-from tests.conftest import make_stage
+from tests.conftest import NO_GUARDS, make_stage
 
 
 def save(image: Image.Image, fmt: str, **options) -> bytes:
@@ -89,7 +89,8 @@ def hostile_round(loaded, tmp_path_factory):
     pq.write_table(pa.table({"key": keys, "jpg": pa.array(images, pa.binary()),
                              "caption": pa.array(captions, pa.binary())}), shard)
     out = work / "round"
-    result = run_shard(make_stage(loaded), 0, str(shard), str(out), batch_size=4)
+    result = run_shard(make_stage(loaded, guards=NO_GUARDS), 0, str(shard), str(out),
+                       batch_size=4)
     rows = {r["key"]: r for r in pq.read_table(out / "shards" / "00000.parquet").to_pylist()}
     rejects = pq.read_table(out / "rejects" / "00000.parquet").to_pylist()
     return work, result, rows, rejects

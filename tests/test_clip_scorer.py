@@ -15,6 +15,7 @@ from capfilt.stage import CapFiltStage
 from capfilt.stage_config import SamplingConfig, StageConfig
 from capfilt.tiny import tiny_processor
 from pipelines.plan import PlanError, RoundOptions, plan_round
+from tests.conftest import NO_GUARDS
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def clip_filter(tmp_path_factory):
 def test_blip2_recipe_with_a_clip_ranker(clip_filter, tiny_models, img2dataset_parquet):
     stage = CapFiltStage.from_config(StageConfig(
         captioner=str(tiny_models["captioner"]), filter=str(clip_filter),
-        sampling=SamplingConfig(num_captions=3), policy=Policy("topk", top_k=2, rank_by="itc")))
+        sampling=SamplingConfig(num_captions=3), policy=Policy("topk", top_k=2, rank_by="itc"),
+        guards=NO_GUARDS))
     assert isinstance(stage.scorer, ClipScorer)
     shard = read_shard(f"{img2dataset_parquet}/00000.parquet").table
     rows, _ = stage(shard)

@@ -61,6 +61,12 @@ def test_quick_demo_runs_the_bootstrap_and_prints_table_1(ray_local, tmp_path, c
     assert len((out / "labels.csv").read_text().splitlines()) == 97
     assert "threshold for web-caption precision 0.95 from 96 labelled web captions" in printed
     assert (out / "round-1/capfilt/calibration.json").exists()
+    # The caption guards' counts, audited: each reason's captions and the right ones among them.
+    guarded = summary["audit"]["guarded"]
+    capfilt = read_json(str(out / "round-1" / "capfilt" / "manifest.json"))
+    assert {k: v["of"] for k, v in guarded.items()} == capfilt["totals"]["guarded_by_reason"]
+    assert all(0 <= v["right"] <= v["of"] for v in guarded.values())
+    assert "synthetic captions set aside by the caption guards" in printed
     # Every step wrote a valid manifest naming its parents; the round-1 model learned from
     # the CapFilt round, which used round 0's fine-tuned models.
     for step in STEP_MANIFESTS:

@@ -1,6 +1,8 @@
 """BLIP-2 and InstructBLIP checkpoints as the captioner, chosen by their own config (tiny
 OPT language models here): seeded per image and caption, so a batch gives what one image does."""
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import (
@@ -111,3 +113,19 @@ def test_a_capfilt_step_with_a_blip2_captioner(lm_captioner, tiny_models, img2da
     assert rows.num_rows + rejects.num_rows == shard.num_rows and rows.num_rows > 0
     assert all(len(c) == 1 for c in rows.column("synthetic_captions").to_pylist())
     assert all(len(s) == 1 for s in rows.column("synthetic_itm").to_pylist())
+
+
+def test_each_caption_says_whether_it_ended_before_the_limit(lm_captioner):
+    """What the caption guards read: a caption cut at max_new_tokens did not end."""
+    _, folder = lm_captioner
+    loaded = load_model(str(folder), "captioner")
+    pixels, keys = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), ["a", "b"]
+    # The end token is held back for min_new_tokens: at min = max no caption can end.
+    cut = make_captioner(loaded, SamplingConfig(num_captions=2, max_new_tokens=3,
+                                                min_new_tokens=3), seed=0)
+    captions = cut.captions(pixels, keys)
+    assert [[c.text for c in group] for group in captions] == cut(pixels, keys)
+    assert not any(c.ended for group in captions for c in group)
+    roomy = make_captioner(loaded, SamplingConfig(num_captions=4, max_new_tokens=40), seed=0)
+    ended = Counter(c.ended for group in roomy.captions(pixels, keys) for c in group)
+    assert ended[True] > 0 and ended[False] > 0  # the random model ends some, not all

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from capfilt.caption_guards import CaptionGuards
 from capfilt.sample_shards import write_sample_shards
 from capfilt.selection import Policy
 from capfilt.stage_config import SamplingConfig
@@ -32,6 +33,7 @@ def run_args(models, shard, output, *flags) -> list[str]:
     ("--num-captions", "-1"), ("--repetition-penalty", "0"), ("--round", "-1"),
     ("--top-p", "0"), ("--max-new-tokens", "0"), ("--threshold", "1.5"), ("--keep", "0"),
     ("--batch-size", "0"), ("--workers", "0"), ("--repetition-penalty", "nan"),
+    ("--max-repeat-share", "1.5"), ("--repeat-ngram", "0"), ("--min-word-share", "-0.5"),
 ])
 def test_a_setting_out_of_range_stops_the_run_before_any_work(tiny_models, shard, tmp_path,
                                                               capsys, flag, value):
@@ -56,7 +58,8 @@ def accepted(make, **values) -> bool:
     return True
 
 
-@pytest.mark.parametrize("section, make", [("sampling", SamplingConfig), ("policy", Policy)])
+@pytest.mark.parametrize("section, make", [("sampling", SamplingConfig), ("policy", Policy),
+                                           ("guards", CaptionGuards)])
 def test_the_dataclasses_refuse_exactly_what_the_manifest_schema_refuses(section, make):
     """Every bound in the schema, probed at the edge from both sides, and every enum."""
     for name, rule in schema_bounds(section).items():

@@ -12,7 +12,7 @@ from capfilt.selection import Policy
 from capfilt.shard_reader import read_shard
 from capfilt.stage import CapFiltStage
 from capfilt.stage_config import gpu_decoders
-from tests.conftest import make_stage
+from tests.conftest import NO_GUARDS, make_stage
 
 
 def rows(*items) -> pa.Table:
@@ -69,8 +69,8 @@ def test_vision_encoders_run_once_per_image(loaded, img2dataset_parquet):
 
 def test_policy_only_changes_the_decision_not_the_scores(loaded):
     table = rows({"key": "a", "jpg": GOOD}, {"key": "b", "jpg": GOOD, "caption": "spam spam"})
-    everything, _ = make_stage(loaded, policy=Policy(threshold=0.0))(table)
-    nothing, _ = make_stage(loaded, policy=Policy(threshold=1.0))(table)
+    everything, _ = make_stage(loaded, policy=Policy(threshold=0.0), guards=NO_GUARDS)(table)
+    nothing, _ = make_stage(loaded, policy=Policy(threshold=1.0), guards=NO_GUARDS)(table)
     assert everything.drop(["kept_captions", "kept_sources"]).equals(
         nothing.drop(["kept_captions", "kept_sources"]))
     assert all(len(k) == 2 for k in everything.column("kept_captions").to_pylist())
@@ -99,7 +99,7 @@ def test_a_filter_with_its_own_transform_gets_its_own_pixels_also_after_a_split(
     tolerance (a CPU matrix product's sums depend on the batch's size), its scores."""
     stage = make_stage(loaded)
     stage = CapFiltStage(stage.captioner, stage.scorer, stage.policy, stage.caption_transform,
-                         replace(stage.filter_transform, height=24, width=24))
+                         replace(stage.filter_transform, height=24, width=24), guards=NO_GUARDS)
     table = rows(*({"key": f"k{i}", "jpg": jpeg_bytes(draw_shape(shape, colour))}
                    for i, (shape, colour) in enumerate([("circle", "red"), ("square", "blue"),
                                                         ("triangle", "green")])))

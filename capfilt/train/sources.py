@@ -6,7 +6,8 @@ off one CapFilt round through its views:
 
 - ``kept``: the kept captions, web and synthetic (CapFilt: filter and captioner);
 - ``kept_web``: the kept web captions only (filter only);
-- ``web_and_synthetic``: the web caption and every synthetic one, unfiltered (captioner only);
+- ``web_and_synthetic``: the web caption and every synthetic one, unfiltered (captioner only;
+  captions a caption guard set aside are no captions, and are left out);
 - ``web``: the web caption alone (no CapFilt).
 
 A source is cut into pieces, the unit the stream shuffles and hands to loader processes: a
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 VIEWS = ("kept", "kept_web", "web_and_synthetic", "web")
 ROUND_COLUMNS = ["key", "jpg", "web_caption", "synthetic_captions", "kept_captions",
                  "kept_sources"]
+# Read where a round has it: rounds before caption guards wrote no synthetic_guard column.
+ROUND_OPTIONAL = ["synthetic_guard"]
 
 
 class TrainingDataError(ValueError):
@@ -207,7 +210,8 @@ def _read_rows(piece: Piece) -> list[Row]:
         with open_regular(piece.url) as (handle, size):
             file = pq.ParquetFile(handle)
             names = set(file.schema_arrow.names)
-            wanted = ROUND_COLUMNS if piece.view else ["key", "jpg", "caption", "status"]
+            wanted = (ROUND_COLUMNS + ROUND_OPTIONAL if piece.view
+                      else ["key", "jpg", "caption", "status"])
             table = read_parquet(piece.url, file, size, [piece.group],
                                  [c for c in wanted if c in names])
         rows = _round_rows(table, piece.view) if piece.view else _shard_rows(table, piece.url)
@@ -246,8 +250,11 @@ def round_captions(row: dict, view: str) -> list[str]:
     if view == "kept_web":
         return [c for c, s in zip(row["kept_captions"] or [], row["kept_sources"] or [])
                 if s == "web"]
-    if view == "web_and_synthetic":
-        return [row["web_caption"] or ""] + list(row["synthetic_captions"] or [])
+    if view == "web_and_synthetic":  # every synthetic caption but those a guard set aside
+        reasons = row.get("synthetic_guard") or []
+        synthetic = [c for i, c in enumerate(row["synthetic_captions"] or [])
+                     if i >= len(reasons) or reasons[i] is None]
+        return [row["web_caption"] or ""] + synthetic
     if view == "web":
         return [row["web_caption"] or ""]
     raise TrainingDataError(f"unknown view {view!r}")

@@ -3,7 +3,9 @@
 Figures: the filter's precision and recall on web captions, what share of each noise kind it
 kept (and of the one-attribute errors, by attribute), how many synthetic captions state their
 image correctly (all, and kept) and what the wrong ones get wrong, and the noise ratio of the
-captions each Table 1 training view offers.
+captions each Table 1 training view offers; and how many synthetic captions each caption guard
+set aside, and how many of those stated their image correctly (the guards' defaults are meant
+to set aside none of them).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from capfilt.world.build import load_scenes, load_web_noise
 from capfilt.world.grammar import parse
 from capfilt.world.scene import Scene, differing_attributes
 
-COLUMNS = ["key", "web_caption", "synthetic_captions", "kept_captions", "kept_sources"]
+COLUMNS = ["key", "web_caption", "synthetic_captions", "kept_captions", "kept_sources",
+           "synthetic_guard"]
 
 
 def _ratio(part: int, whole: int) -> float | None:
@@ -52,6 +55,7 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
     view_total, view_wrong = Counter(), Counter()
     attribute_of, attribute_kept = Counter(), Counter()
     synthetic_errors, synthetic_errors_kept = Counter(), Counter()
+    guarded, guarded_right = Counter(), Counter()
     for row in rows:
         scene = scenes[row["key"]]
         kind = noise[row["key"]]
@@ -65,12 +69,15 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
         errors = {}  # each synthetic caption parsed once
         kept_texts = Counter(t for t, src in zip(row["kept_captions"], row["kept_sources"])
                              if src == "synthetic")
-        for text in row["synthetic_captions"]:
+        for text, reason in zip(row["synthetic_captions"], row["synthetic_guard"]):
             if text not in errors:
                 errors[text] = caption_error(text, scene)
             error = errors[text]
             synthetic_errors[error] += 1
-            if kept_texts[text] > 0:
+            if reason is not None:
+                guarded[reason] += 1
+                guarded_right[reason] += error == "right"
+            elif kept_texts[text] > 0:
                 kept_texts[text] -= 1
                 synthetic_errors_kept[error] += 1
         for view in VIEWS:
@@ -104,4 +111,6 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
             "by_error": _kept_of(synthetic_errors_kept, synthetic_errors),
         },
         "noise_ratio": {view: _ratio(view_wrong[view], view_total[view]) for view in VIEWS},
+        "guarded": {reason: {"right": guarded_right[reason], "of": guarded[reason]}
+                    for reason in sorted(guarded)},
     }
