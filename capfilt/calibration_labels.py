@@ -38,6 +38,9 @@ SEVERAL_SYNTHETIC = ("source synthetic, but the image has several synthetic capt
                      "(give the caption)")
 TWICE = "text labelled more than once (the first label counts)"
 KEY_TWICE = "key in more than one row of the round"
+GUARDED = "caption set aside unscored by a caption guard"
+# Older rounds have no guard column; their synthetic captions were all scored.
+GUARD_COLUMN = "synthetic_guard"
 
 
 class LabelError(ValueError):
@@ -200,7 +203,9 @@ def _read_shard(url: str) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(url)
     try:
         with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=COLUMNS)
+            names = pq.ParquetFile(handle).schema_arrow.names
+            handle.seek(0)
+            return pq.read_table(handle, columns=COLUMNS + [GUARD_COLUMN] * (GUARD_COLUMN in names))
     except FileNotFoundError as exc:
         raise LabelError(f"{url} is missing from the round; capfilt validate lists what else "
                          "is") from exc
@@ -210,14 +215,21 @@ def _which_text(row: dict, label: Label) -> tuple[tuple[str, int], str | None]:
     """(source, index among the synthetic captions) of the labelled text, or why none is."""
     web = row["web_caption"] if row["web_itm"] is not None or row["web_itc"] is not None else None
     synthetic = row["synthetic_captions"] or []
+    guarded = row.get(GUARD_COLUMN) or [None] * len(synthetic)
     if label.caption is not None:
         places = ([(WEB, 0)] if web == label.caption else []) + [
             (SYNTHETIC, i) for i, text in enumerate(synthetic) if text == label.caption]
         if label.source is not None:
             places = [p for p in places if p[0] == label.source] or places
-        return (places[0], None) if places else ((WEB, 0), NO_CAPTION)
+        # A scored copy of the text before one a guard set aside.
+        places.sort(key=lambda p: p[0] == SYNTHETIC and guarded[p[1]] is not None)
+        if not places:
+            return (WEB, 0), NO_CAPTION
+        place = places[0]
+        unscored = place[0] == SYNTHETIC and guarded[place[1]] is not None
+        return place, GUARDED if unscored else None
     if label.source == WEB:
         return ((WEB, 0), None) if web is not None else ((WEB, 0), NO_WEB)
     if len(synthetic) != 1:
         return (SYNTHETIC, 0), SEVERAL_SYNTHETIC if synthetic else NO_SYNTHETIC
-    return (SYNTHETIC, 0), None
+    return (SYNTHETIC, 0), GUARDED if guarded[0] is not None else None

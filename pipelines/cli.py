@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import signal
 import sys
 
+from pipelines.config import CommandParser
 from pipelines.exits import RECEIVED, catch_signals, run_command, stopped
 
 EXAMPLES = """examples:
@@ -24,20 +24,22 @@ EXAMPLES = """examples:
 
 
 REQUIRED = {"run": ("output", "captioner", "filter")}
-# Commands with their own modules: each has register(commands) -> {name: handler}.
-EXTENSIONS = ("pipelines.download", "pipelines.views", "pipelines.lineage", "pipelines.convert",
-              "pipelines.train_cli", "pipelines.calibrate_cli", "pipelines.diff_cli")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CommandParser]]:
+    """The ``capfilt`` parser and its commands' parsers by name."""
+    from pipelines import (calibrate_cli, convert, diff_cli, download, lineage, train_cli,
+                           views)
+
+    parser = CommandParser(
         prog="capfilt",
         description="CapFilt (BLIP's captioner + filter) over img2dataset shards, on Ray.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=CommandParser)
 
     tiny = commands.add_parser(
         "tiny-models", help="write a tiny random BLIP captioner and filter (for tests and smoke runs)",
@@ -88,24 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
         "Example: capfilt validate rounds/round-0001",
     )
     validate.add_argument("round_dir")
-    for module in EXTENSIONS:
-        COMMANDS.update(importlib.import_module(module).register(commands))
+    # Commands with their own modules: each has register(commands) -> {name: handler}.
+    for module in (download, views, lineage, convert, train_cli, calibrate_cli, diff_cli):
+        COMMANDS.update(module.register(commands))
     for command in commands.choices.values():
         command.add_argument(
             "--config", default=None, metavar="TOML",
             help="settings from a TOML file or a preset (blip-base-paper, blip-large, "
             "blip2-ranking, demo); flags given here override it",
         )
-    return parser
+    return parser, commands.choices
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse flags over the defaults a ``--config`` file or preset gives."""
     from pipelines.config import apply_config, load_config
 
-    parser = build_parser()
+    parser, subparsers = build_parser()
     args = parser.parse_args(argv)
-    subparser = parser._subparsers._group_actions[0].choices[args.command]
+    subparser = subparsers[args.command]
     if args.config:
         origin, values = load_config(home_path("config", args.config))
         apply_config(subparser, origin, values)

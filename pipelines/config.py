@@ -55,9 +55,32 @@ def _flatten(data: dict, origin: str, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def apply_config(parser: argparse.ArgumentParser, origin: str, values: dict[str, Any]) -> None:
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser that keeps the arguments added to it, its groups' included, by
+    name: a config file's keys are checked and typed against them (argparse keeps its own
+    list private)."""
+
+    def __init__(self, *args, **kwargs):
+        self.arguments: dict[str, argparse.Action] = {}  # before argparse adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        return self._keep(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: self._keep(add(*a, **k))
+        return group
+
+    def _keep(self, action: argparse.Action) -> argparse.Action:
+        self.arguments[action.dest] = action
+        return action
+
+
+def apply_config(parser: CommandParser, origin: str, values: dict[str, Any]) -> None:
     """Make ``values`` the parser's defaults, so flags given on the command line still win."""
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    actions = {dest: a for dest, a in parser.arguments.items() if dest not in ("help", "config")}
     for key, value in values.items():
         action = actions.get(key)
         if action is None:

@@ -16,7 +16,9 @@ import pytest
 from capfilt.calibration import MIN_KEPT, CalibrationError, build_curve
 from capfilt.calibration_record import calibrate_round
 from capfilt.report import build_report
+from capfilt.calibration_labels import GUARDED, join_labels, read_labels
 from capfilt.stage_config import SamplingConfig, StageConfig
+from tests.conftest import NO_GUARDS
 from pipelines.cli import main
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
@@ -25,13 +27,38 @@ from pipelines.round import run_round
 @pytest.fixture(scope="module")
 def scored_round(ray_local, tiny_models, img2dataset_parquet, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrate") / "round-0001"
+    # The tiny captioner writes word pieces the caption guards would set aside unscored; this
+    # round scores every text (test_a_label_on_a_guarded_caption_is_counted_apart: guards on).
     stage = StageConfig(captioner=str(tiny_models["captioner"]),
                         filter=str(tiny_models["filter"]),
-                        sampling=SamplingConfig(num_captions=2), seed=5)
+                        sampling=SamplingConfig(num_captions=2), seed=5, guards=NO_GUARDS)
     manifest = run_round(RoundOptions(inputs=[str(img2dataset_parquet)], output=str(out),
                                       stage=stage, batch_size=4, workers=1))
     assert manifest.status == "complete"
     return out
+
+
+def test_a_label_on_a_guarded_caption_is_counted_apart(ray_local, tiny_models,
+                                                       img2dataset_parquet, tmp_path):
+    """A caption a guard set aside has no score to calibrate: its label is counted unmatched,
+    with that reason; the web captions beside it calibrate."""
+    stage = StageConfig(captioner=str(tiny_models["captioner"]),
+                        filter=str(tiny_models["filter"]),
+                        sampling=SamplingConfig(num_captions=1), seed=5)
+    out = tmp_path / "guarded"
+    run_round(RoundOptions(inputs=[str(img2dataset_parquet)], output=str(out), stage=stage,
+                           batch_size=4, workers=1))
+    rows = pq.read_table(out / "shards").drop(["jpg"]).to_pylist()
+    guarded = [r for r in rows if r["synthetic_guard"][0] is not None]
+    assert guarded
+    labels = [{"key": r["key"], "source": "web", "caption": "", "label": "right" if i % 2 else
+               "wrong"} for i, r in enumerate(rows)]
+    labels += [{"key": r["key"], "source": "synthetic", "caption": r["synthetic_captions"][0],
+                "label": "wrong"} for r in guarded]
+    joined = join_labels(str(out), read_labels(str(write_csv(tmp_path / "labels.csv", labels))))
+    assert len(joined.right) == len(rows)
+    assert dict(joined.unmatched) == {GUARDED: len(guarded)}
+    assert None not in joined.scores["itm"]
 
 
 @pytest.fixture

@@ -228,7 +228,8 @@ def test_real_shard_rows_keep_their_count_when_every_caption_is_guarded(loaded,
     image stays in the output with its web caption scored, and nothing is lost."""
     table = read_shard(f"{img2dataset_parquet}/00001.parquet").table
     cut = SamplingConfig(max_new_tokens=3, min_new_tokens=3)
-    out, rejects = make_stage(loaded, sampling=cut)(table)
+    only_unfinished = CaptionGuards(max_repeat_share=1.0, min_word_share=0.0)
+    out, rejects = make_stage(loaded, sampling=cut, guards=only_unfinished)(table)
     assert out.num_rows + rejects.num_rows == table.num_rows and out.num_rows > 0
     for row in out.to_pylist():
         assert row["synthetic_guard"] == ["unfinished"] and row["synthetic_itm"] == [None]

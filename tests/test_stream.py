@@ -186,8 +186,9 @@ def test_img2dataset_rows_that_failed_are_skipped_with_their_reasons(img2dataset
         for batch in batches:
             skipped.update(batch.skipped)
             keys.update(batch.texts)
-        # 12 drawn images, each once per epoch, two to a caption; 6 batches of 4 = two epochs.
-        assert len(keys) == 6 and set(keys.values()) == {4}
+        # 12 drawn images, each with its own caption, once per epoch; 6 batches of 4 = two
+        # epochs.
+        assert len(keys) == 12 and set(keys.values()) == {2}
         if folder == img2dataset_parquet:  # the broken and the missing file, each epoch
             assert sum(skipped.values()) >= 2 and all(src == 0 for src, _ in skipped)
             assert {reason for _, reason in skipped} <= {"failed_to_download", "failed_to_resize"}

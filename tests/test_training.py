@@ -109,7 +109,9 @@ def test_exported_models_load_and_run_a_round(pretrained, squares, ray_local, tm
     manifest = run_round(RoundOptions(inputs=[str(squares)], output=str(tmp_path / "round"),
                                       stage=stage, batch_size=16, workers=1))
     assert manifest.status == "complete"
-    assert manifest.totals.rows_out == 48
+    # 48 rows of 36 drawings (6 x 6 colours): each repeat is set aside, scored once.
+    assert manifest.totals.rows_out == 36
+    assert manifest.totals.rejects_by_reason == {"duplicate_image": 12}
     scores = pq.read_table(tmp_path / "round" / "shards").column("web_itm").to_pylist()
     assert len(set(scores)) > 24  # trained weights: each image and caption scores its own
 
