@@ -1,7 +1,7 @@
 """Find the round's repeated images before any shard runs, so each is captioned and scored once.
 
-Every input shard is fingerprinted by a Ray task (``capfilt.image_hashes``); the driver orders
-the fingerprints by input position (``capfilt.duplicate_index``), writes them to
+Every input shard is fingerprinted by a Ray task (``workers.fingerprint_tasks``); the driver
+orders the fingerprints by input position (``capfilt.duplicate_index``), writes them to
 ``ROUND/duplicates.parquet`` and hands each worker the rows of its shard to set aside. The whole
 index is made again on a rerun: it costs one more read of the inputs, and a resumed round gets
 the same marks as an uninterrupted one.
@@ -16,16 +16,13 @@ from dataclasses import dataclass, field
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from capfilt.duplicate_index import EXACT, NEAR, Mark, find_duplicates, marks_by_shard
-from capfilt.image_hashes import shard_hashes
 from capfilt.round_folder import duplicates_path, write_parquet_atomic
-from capfilt.shard_reader import ReaderOptions, ShardReadError
+from capfilt.shard_reader import ReaderOptions
+from workers.fingerprint_tasks import fingerprint_shards
 
 log = logging.getLogger(__name__)
-# Fingerprinting reads and hashes: light, and it must not take the CPU slots workers need.
-HASH_TASK_CPUS = 0.5
 
 
 @dataclass
@@ -45,11 +42,8 @@ def index_duplicates(shards: list[str], reader: ReaderOptions, mode: str,
     listed either way). A shard that cannot be read is left out here; its own run fails it
     with the reason. Needs Ray started."""
     started = time.perf_counter()
-    task = ray.remote(num_cpus=HASH_TASK_CPUS)(_hashes_or_error)
-    refs = {index: task.remote(path, reader) for index, path in enumerate(shards)}
     hashes = {}
-    for index, ref in refs.items():
-        result = ray.get(ref)
+    for index, result in fingerprint_shards(shards, reader).items():
         if isinstance(result, str):
             log.warning("shard %05d not checked for repeated images: %s", index, result)
         else:
@@ -83,10 +77,3 @@ def _counts(marks: pa.Table, mode: str) -> dict:
     images = int((marks.schema.metadata or {}).get(b"images", b"0"))
     return {"exact": kinds.count(EXACT), "near": kinds.count(NEAR), "near_dropped": mode == NEAR,
             "images": images}
-
-
-def _hashes_or_error(path: str, reader: ReaderOptions):
-    try:
-        return shard_hashes(path, reader)
-    except ShardReadError as exc:
-        return str(exc)
