@@ -149,7 +149,7 @@ def dispatch(
     write: tuple[str, ...] = (),
     on_worker: Callable[[int, str], None] = lambda label, state: None,
     on_rows: Callable[[int, int, int], None] = lambda label, done, total: None,
-    repeats: dict[int, dict] | None = None,
+    find_repeats: Callable[[], dict[int, dict]] | None = None,
 ) -> list[ShardResult]:
     """Run every shard in ``todo`` (index, input path) on worker actors and return their
     ``ShardResult``s, one per shard, "done" or "failed".
@@ -164,8 +164,9 @@ def dispatch(
     hears each worker's state change (loading, shard NNNNN, idle, restarting, could not
     start); ``on_rows(label, done, total)``, every ``ROWS_POLL_SECONDS`` while no shard
     finishes, how many of its shard's rows each busy worker has written or rejected.
-    ``repeats`` (shard index -> {key: ``Mark``}): rows each shard sets aside as images seen
-    earlier in the round (``pipelines.duplicates``)."""
+    ``find_repeats()`` gives, shard index -> {key: ``Mark``}, the rows each shard sets aside as
+    images seen earlier in the round (``pipelines.duplicates``); it runs while the workers load
+    their models, and before any shard starts."""
     if not todo:
         return []
     resources = ray.cluster_resources()
@@ -188,6 +189,7 @@ def dispatch(
     pool = start_workers(config, count, gpus=gpus_each, cpus=cpus_each, torch_threads=threads)
     for label in range(count):
         on_worker(label, "loading")
+    repeats = find_repeats() if find_repeats else {}
     wait_until_ready(pool)
 
     def fresh_worker(label: int, tries: int) -> None:
@@ -211,7 +213,7 @@ def dispatch(
             label, actor = idle.popleft()
             index, path, attempt = queue.popleft()
             ref = actor.process.remote(index, path, round_dir, batch_size, reader, attempt,
-                                       write, (repeats or {}).get(index))
+                                       write, repeats.get(index))
             running[ref] = (label, actor, index, path, attempt)
             on_worker(label, f"shard {index:05d}")
         for label, _ in idle:

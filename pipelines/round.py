@@ -62,23 +62,26 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
     # Hashed by the plan, before the workers load them: a folder overwritten mid-round (a
     # training job saving into it) must not put the new weights' hash on data the old ones made.
     models = model_refs(options, plan.weights)
-    repeats = None
+    indexed: list[DuplicateIndex] = []
+
+    def find_repeats() -> dict:
+        indexed.append(index_duplicates(plan.shards, options.reader, options.dedup,
+                                        options.output))
+        return indexed[0].dropped
+
     if plan.todo:
         ensure_ray(options.address)
-        if options.dedup != "off":
-            repeats = index_duplicates(plan.shards, options.reader, options.dedup,
-                                       options.output)
         for result in dispatch(
             options.stage, plan.todo, options.output, options.batch_size, options.reader,
             options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
             options.write, progress.worker, progress.rows,
-            repeats.dropped if repeats else None,
+            find_repeats if options.dedup != "off" else None,
         ):
             results[result.index] = result
     else:
         progress.show()
     manifest = build_manifest(plan, results, models, created, time.perf_counter() - started,
-                              repeats)
+                              indexed[0] if indexed else None)
     validate_manifest(manifest.to_dict())
     write_manifest(options.output, manifest)
     log.info("manifest written: status %s, %d rows in, %d scored, %d rejected", manifest.status,
