@@ -20,6 +20,7 @@ from capfilt.calibration_report import calibration_section
 from capfilt.images import ImageRejected, decode_image
 from capfilt.round_diff_report import parent_diff_section
 from capfilt.round_folder import shard_path
+from capfilt.selection import Policy
 from capfilt.svg_plots import bars, histogram
 from manifests import ManifestError, RoundManifest, read_manifest
 from manifests.lineage import parent_folder
@@ -68,8 +69,8 @@ def _read(url: str, columns: list[str]):
 def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
     """The report of the round in ``round_dir`` as an HTML string."""
     manifest = read_manifest(round_dir)
-    policy = manifest.parameters.get("policy", {})
-    threshold = float(policy.get("threshold", 0.5))
+    policy = Policy(**manifest.parameters.get("policy", {}))
+    threshold = policy.threshold
     rows = {}
     for shard in manifest.shards:
         if shard.status == "done":
@@ -207,13 +208,13 @@ def _model_share(timings: dict) -> str:
     return f"{model:.1f} s of {shard:.1f} s in shards ({model / shard:.0%})"
 
 
-def _score_plots(rows, threshold: float, policy: dict) -> str:
+def _score_plots(rows, threshold: float, policy: Policy) -> str:
     flat = [r for shard_rows in rows.values() for r in shard_rows]
     itm = {"web": [r["web_itm"] for r in flat if r["web_itm"] is not None],
            "synthetic": [v for r in flat for v in r["synthetic_itm"] if v is not None]}
     itc = {"web": [r["web_itc"] for r in flat if r["web_itc"] is not None],
            "synthetic": [v for r in flat for v in r["synthetic_itc"] if v is not None]}
-    marker = threshold if policy.get("mode", "threshold") in ("threshold", "both") else None
+    marker = threshold if policy.mode in ("threshold", "both") else None
     return '<div class="plots">' + histogram(
         itm, 0.0, 1.0, 20, "ITM match probability", marker, f"threshold {threshold:g}"
     ) + histogram(itc, -1.0, 1.0, 20, "ITC cosine") + "</div>"

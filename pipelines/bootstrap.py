@@ -14,21 +14,22 @@ model and the ablation models, which do not depend on each other, train side by 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-from capfilt.selection import Policy
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.stage_config import StageConfig
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.bootstrap_config import BootstrapConfig, StepTraining
 from pipelines.evaluate import EvalJob, run_eval
 from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions
+from pipelines.round_settings import round_options
 from pipelines.side_by_side import run_side_by_side
 from pipelines.train import TrainJob, run_training
 
@@ -89,23 +90,25 @@ def capfilt_round(cfg: BootstrapConfig, number: int, models: dict[str, str], out
 
     if (out / "manifest.json").exists():
         return str(out)
-    r = cfg.round
-    run_round(RoundOptions(inputs=list(cfg.web), output=str(out), stage=round_stage(cfg, models),
-                           batch_size=r.batch_size, workers=r.workers, round=number,
-                           parent=parent))
+    run_round(round_options_for(cfg, models, number, str(out), parent))
     return str(out)
+
+
+def round_options_for(cfg: BootstrapConfig, models: dict[str, str], number: int, output: str,
+                      parent: str | None) -> RoundOptions:
+    """Round ``number`` of the bootstrap: its ``[round]`` settings, read as ``capfilt run``
+    reads its own, over the web set with ``models``, seeded by the bootstrap's seed."""
+    args = argparse.Namespace(**cfg.round, input=list(cfg.web), output=output,
+                              captioner=models["captioner"], filter=models["filter"],
+                              round=number, parent=parent, seed=cfg.seed, address=None,
+                              url_list=None, download_to=None)
+    options = round_options(args)
+    return replace(options, stage=replace(options.stage, device=cfg.finetune_filter.device))
 
 
 def round_stage(cfg: BootstrapConfig, models: dict[str, str]) -> StageConfig:
     """The CapFilt step a round runs: the ``[round]`` settings with the models given."""
-    r = cfg.round
-    return StageConfig(
-        captioner=models["captioner"], filter=models["filter"],
-        sampling=SamplingConfig(num_captions=r.num_captions, top_p=r.top_p,
-                                max_new_tokens=r.max_new_tokens),
-        policy=Policy(mode=r.policy, threshold=r.threshold, top_k=r.top_k, rank_by=r.rank_by),
-        seed=cfg.seed, device=cfg.finetune_filter.device, dtype=r.dtype,
-    )
+    return round_options_for(cfg, models, 1, "-", None).stage
 
 
 def run_bootstrap(cfg: BootstrapConfig) -> JobManifest:

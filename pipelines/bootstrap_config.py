@@ -10,8 +10,10 @@ Top-level keys name the data and where models start; one table per step sets tha
     [finetune_captioner]  weight_decay, augment, checkpoint_every, log_every, momentum,
     [finetune_filter]     queue_size, alpha, negative_all_rank, precision, loader_workers, ...);
                           and negative_mix, workers, device
-    [round]               num_captions, threshold, policy, top_k, rank_by, batch_size, workers,
-                          max_new_tokens, top_p, dtype
+    [round]               any setting of ``capfilt run``, named as in its --config files
+                          (num_captions, method, top_p, top_k, max_new_tokens, policy,
+                          threshold, keep, rank_by, caption_guards, dedup, batch_size, workers,
+                          dtype, ...): pipelines/round_settings.py reads both
     [eval]                k, num_beams, max_new_tokens, limit, judge, models
 """
 
@@ -24,11 +26,11 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from capfilt.models import DTYPES
-from capfilt.selection import Policy, check_whole
-from capfilt.stage_config import SamplingConfig
+from capfilt.selection import check_whole
 from capfilt.train.build import check_queue_size
 from capfilt.train.loop import TrainConfig
+from pipelines.config import ConfigError
+from pipelines.round_settings import round_table
 from pipelines.train import uneven_shares
 
 
@@ -42,35 +44,6 @@ class StepTraining:
     negative_mix: float = 0.0
     workers: int = 1
     device: str = "cpu"
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    num_captions: int = 1
-    policy: str = "threshold"
-    threshold: float = 0.5
-    top_k: int = 2
-    rank_by: str = "itm"
-    top_p: float = 0.9
-    max_new_tokens: int = 16
-    batch_size: int = 64
-    workers: int | None = None
-    dtype: str = "float32"  # the round's models; "bfloat16" on a GPU
-
-    def __post_init__(self):
-        """Refused when the file is read, not when the round starts after hours of training."""
-        if self.dtype not in DTYPES:
-            raise BootstrapConfigError(f"[round] dtype = {self.dtype!r}: use one of {sorted(DTYPES)}")
-        try:
-            check_whole("batch_size", self.batch_size, 1)
-            if self.workers is not None:
-                check_whole("workers", self.workers, 1)
-            SamplingConfig(num_captions=self.num_captions, top_p=self.top_p,
-                           max_new_tokens=self.max_new_tokens)
-            Policy(mode=self.policy, threshold=self.threshold, top_k=self.top_k,
-                   rank_by=self.rank_by)
-        except ValueError as exc:
-            raise BootstrapConfigError(f"[round] {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -113,7 +86,8 @@ class BootstrapConfig:
     ablation: bool = False
     seed: int = 0
     vision_init: str | None = None
-    round: RoundSettings = field(default_factory=RoundSettings)
+    # Every round's settings, as capfilt run's flags name them (pipelines/round_settings.py).
+    round: dict = field(default_factory=lambda: round_table({}, "[round]"))
     eval: EvalSettings = field(default_factory=EvalSettings)
     parallel: int = 1
 
@@ -200,6 +174,13 @@ def _step(table: dict, name: str, seed: int, path: Path) -> StepTraining:
         raise BootstrapConfigError(f"{path}: [{name}] {exc}") from exc
 
 
+def _round(table: dict, path: Path) -> dict:
+    try:
+        return round_table(table, "[round]")
+    except ConfigError as exc:
+        raise BootstrapConfigError(str(exc)) from exc
+
+
 def _plain(cls, table: dict, name: str, path: Path):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)
@@ -275,6 +256,6 @@ def _build(data: dict, path: Path, base: Path, init: str, tables: dict) -> Boots
         pretrain=_step(tables["pretrain"], "pretrain", seed, path),
         finetune_captioner=_step(tables["finetune_captioner"], "finetune_captioner", seed, path),
         finetune_filter=_step(tables["finetune_filter"], "finetune_filter", seed, path),
-        round=_plain(RoundSettings, tables["round"], "round", path),
+        round=_round(tables["round"], path),
         eval=_plain(EvalSettings, tables["eval"], "eval", path),
     )

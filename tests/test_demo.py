@@ -137,7 +137,7 @@ def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16_and_train_as_blip(tmp_p
                                        / f"{name}.toml")
         stage = round_stage(config, models)
         assert (stage.dtype, stage.device) == ("bfloat16", "cuda")
-        assert stage.sampling.num_captions == config.round.num_captions
+        assert stage.sampling.num_captions == config.round["num_captions"]
         # BLIP's pre-training at the paper's batch: momentum, the whole queue, 8 workers each
         # streaming with its own decoding processes; the filter's negatives from every rank.
         pre, filt = config.pretrain, config.finetune_filter

@@ -11,6 +11,7 @@ from capfilt.sample_shards import write_sample_shards
 from capfilt.selection import Policy
 from capfilt.stage_config import SamplingConfig
 from pipelines.bootstrap_config import BootstrapConfigError, load_bootstrap_config
+from pipelines.bootstrap import round_options_for
 from pipelines.cli import main, parse_args, round_options
 
 SCHEMA = Path(__file__).parents[1] / "manifests" / "round.schema.json"
@@ -149,10 +150,16 @@ def bootstrap_text(top: str = "", **tables: str) -> str:
     ("rounds = -1", {}, "rounds -1: use a whole number of at least 0"),
     ("round = 3", {}, "round = 3: expected a table [round]"),
     ("test = 5", {}, "test = 5: expected a path or a list of paths"),
-    ("", {"round": "batch_size = 1.9"}, "[round] batch_size = 1.9: expected an integer"),
-    ("", {"round": "threshold = '0.5'"}, "[round] threshold = '0.5': expected a number"),
-    ("", {"round": "num_captions = -1"}, "[round] --num-captions -1: use a whole number"),
-    ("", {"round": "top_p = 0"}, "[round] --top-p 0: use a number above 0 and at most 1"),
+    ("", {"round": "batch_size = 1.9"}, "[round]: batch_size = 1.9 is not a valid int"),
+    ("", {"round": "threshold = '0.5'"}, "[round]: threshold = '0.5' is not a valid float"),
+    ("", {"round": "num_captions = -1"}, "[round]: --num-captions -1: use a whole number"),
+    ("", {"round": "top_p = 0"}, "[round]: --top-p 0.0: use a number above 0 and at most 1"),
+    ("", {"round": "bogus = 1"}, "[round]: unknown key 'bogus'; this command takes:"),
+    ("", {"round": "output = 'x'"}, "[round]: output: the bootstrap sets these for each round"),
+    ("", {"round": "policy = 'topk'\ntop_k = 2"},
+     "[round]: top_k = 2 is the captioner's top-k sampling, as capfilt run's --top-k"),
+    ("", {"round": "method = 'greedy'"}, "[round]: method = 'greedy'; choose one of nucleus, beam"),
+    ("", {"round": "max_repeat_share = 2.0"}, "[round]: --max-repeat-share 2.0: use a number"),
     ("", {"eval": "k = true"}, "[eval] k = True: expected an integer"),
     ("", {"pretrain": "lr = '1e-4'"}, "[pretrain] lr = '1e-4': expected a number"),
     ("", {"finetune_filter": "workers = 1.0"}, "[finetune_filter] workers = 1.0: expected an"),
@@ -162,6 +169,20 @@ def test_bootstrap_toml_values_are_typed_and_checked_when_read(tmp_path, top, ta
     with pytest.raises(BootstrapConfigError) as caught:
         load_bootstrap_config(path)
     assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_a_bootstrap_round_takes_every_setting_capfilt_run_takes(tmp_path):
+    """One settings model: [round] is read by the flags of capfilt run, so beam search, the
+    caption guards, repeated images and BLIP-2's kept count are all a round's to set."""
+    text = bootstrap_text("seed = 7", round="method = 'beam'\nnum_beams = 5\npolicy = 'topk'\n"
+                          "keep = 3\ncaption_guards = false\ndedup = 'near'\ntop_k = 20")
+    config = load_bootstrap_config(write(tmp_path, text))
+    options = round_options_for(config, {"captioner": "c", "filter": "f"}, 2, "out", "parent")
+    assert (options.stage.sampling.method, options.stage.sampling.num_beams) == ("beam", 5)
+    assert (options.stage.policy.mode, options.stage.policy.top_k) == ("topk", 3)
+    assert options.stage.sampling.top_k == 20 and options.stage.seed == 7
+    assert not options.stage.guards.enabled and options.dedup == "near"
+    assert (options.round, options.parent, options.inputs) == (2, "parent", list(config.web))
 
 
 def test_bootstrap_refusals_exit_2_and_a_single_path_is_a_list(tmp_path, capsys):
