@@ -61,7 +61,13 @@ class Trainer(TorchTrainer):
     (``ray`` installed without ``[default]``, as capfilt installs it). The cleaner asks the
     dashboard's state API whether the controller still lives; with no answer, Ray waits 12 s
     for it at the end of every run and logs a traceback. It acts only when a controller dies
-    without cleaning up, and then it could not ask either."""
+    without cleaning up, and then it could not ask either.
+
+    Ray 2.60 offers no public switch for it: ``TorchTrainer`` adds the cleaner unconditionally
+    in ``_create_default_callbacks`` (its metrics and NCCL callbacks have environment switches,
+    this one none), so that method is overridden here and the cleaner filtered out by name; any
+    other Ray keeps its callbacks if the name is not found.
+    """
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
@@ -71,12 +77,13 @@ class Trainer(TorchTrainer):
 
 
 def dashboard_missing() -> bool:
-    """Whether this Ray install lacks the dashboard's packages (then so does its state API)."""
+    """Whether this Ray install lacks the dashboard's packages (then so does its state API):
+    the import Ray itself tries before it starts the dashboard."""
     try:
-        from ray._private.utils import get_dashboard_dependency_error
-    except ImportError:  # another Ray's internals: keep its callbacks as they are
-        return False
-    return get_dashboard_dependency_error() is not None
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def run_ray_train(job) -> None:
