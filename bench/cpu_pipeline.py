@@ -232,7 +232,7 @@ def actor_ab(models, shards, captions: int, batches: int) -> dict:
     faults per batch say how much of the working set each faulted in again."""
     import ray
 
-    from pipelines.dispatch import ensure_ray
+    from workers.ray_cluster import ensure_ray
 
     class Worker:
         def __init__(self, threads: int, keep: bool):

@@ -186,7 +186,7 @@ def command_run(args) -> int:
 
     options = round_options(args)  # settings refused before the download, too
     if args.address and not args.dry_run:  # before any work: a wrong address is a usage error
-        from pipelines.dispatch import wait_for_cluster
+        from workers.ray_cluster import wait_for_cluster
 
         wait_for_cluster(args.address)
     if args.url_list and not args.dry_run:

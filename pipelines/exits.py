@@ -53,9 +53,9 @@ def stopped(command: str, signum: int) -> int:
 
     for other in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt this
         signal.signal(other, signal.SIG_IGN)
-    dispatch = sys.modules.get("pipelines.dispatch")
-    if dispatch is not None and dispatch.started_ray():
-        dispatch.stop_ray()
+    cluster = sys.modules.get("workers.ray_cluster")
+    if cluster is not None and cluster.started_ray():
+        cluster.stop_ray()
     what = STOPPED.get(command, "run the same command again")
     print(terminal_safe(f"capfilt: stopped by {signal.Signals(signum).name}: {what}"),
           file=sys.stderr)

@@ -21,11 +21,12 @@ from manifests import (
     write_manifest,
 )
 from manifests.lineage import parent_as_stored
-from pipelines.dispatch import dispatch, ensure_ray
+from pipelines.dispatch import dispatch
 from pipelines.duplicates import DuplicateIndex, index_duplicates, recorded_counts
 from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions, RoundPlan, plan_round
 from pipelines.progress import Progress
+from workers.ray_cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 

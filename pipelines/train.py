@@ -108,7 +108,7 @@ def run_training(job: TrainJob) -> JobManifest:
     log.info("%s: %d rows in %s", job.task, sum(c["rows"] for c in counts),
              ", ".join(map(str, sources)))
     if job.workers > 1:
-        from pipelines.dispatch import ensure_ray
+        from workers.ray_cluster import ensure_ray
         from workers.train_worker import run_ray_train
 
         ensure_ray(job.address)
