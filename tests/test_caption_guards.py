@@ -174,7 +174,7 @@ def test_a_guarded_copy_of_a_kept_caption_lends_it_no_scores():
 
 
 def test_a_round_counts_records_and_reports_its_guards(url_list_round, tiny_models):
-    """The session's ``capfilt run --url-list`` round ran with the default guards."""
+    """The url-list round (a session-wide fixture) ran with the default guards."""
     _, _, round_dir = url_list_round
     manifest = read_manifest(str(round_dir))
     assert manifest.parameters["guards"] == DEFAULTS.to_dict()
