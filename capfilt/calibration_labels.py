@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from capfilt.round_folder import shard_path
+from capfilt.round_folder import GUARD_COLUMN, read_columns, shard_path
 from capfilt.selection import SYNTHETIC, WEB
 from manifests import read_manifest
 
@@ -39,8 +39,6 @@ SEVERAL_SYNTHETIC = ("source synthetic, but the image has several synthetic capt
 TWICE = "text labelled more than once (the first label counts)"
 KEY_TWICE = "key in more than one row of the round"
 GUARDED = "caption set aside unscored by a caption guard"
-# Older rounds have no guard column; their synthetic captions were all scored.
-GUARD_COLUMN = "synthetic_guard"
 
 
 class LabelError(ValueError):
@@ -200,15 +198,10 @@ def join_labels(round_dir: str, labels: list[Label]) -> Joined:
 
 
 def _read_shard(url: str) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(url)
     try:
-        with fs.open(path, "rb") as handle:
-            names = pq.ParquetFile(handle).schema_arrow.names
-            handle.seek(0)
-            return pq.read_table(handle, columns=COLUMNS + [GUARD_COLUMN] * (GUARD_COLUMN in names))
-    except FileNotFoundError as exc:
-        raise LabelError(f"{url} is missing from the round; capfilt validate lists what else "
-                         "is") from exc
+        return read_columns(url, COLUMNS + [GUARD_COLUMN])
+    except ValueError as exc:
+        raise LabelError(str(exc)) from exc
 
 
 def _which_text(row: dict, label: Label) -> tuple[tuple[str, int], str | None]:

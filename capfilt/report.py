@@ -13,13 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from html import escape
 
-import fsspec
-import pyarrow.parquet as pq
-
 from capfilt.calibration_report import calibration_section
 from capfilt.images import ImageRejected, decode_image
 from capfilt.round_diff_report import parent_diff_section
-from capfilt.round_folder import shard_path
+from capfilt.round_folder import GUARD_COLUMN, read_columns, shard_path
 from capfilt.selection import Policy
 from capfilt.svg_plots import bars, histogram
 from manifests import ManifestError, RoundManifest, read_manifest
@@ -28,7 +25,6 @@ from manifests.store import write_text_atomic
 
 SCORE_COLUMNS = ["key", "url", "web_caption", "web_itm", "web_itc", "synthetic_captions",
                  "synthetic_itm", "synthetic_itc", "kept_captions", "kept_sources"]
-GUARD_COLUMN = "synthetic_guard"  # absent from rounds written before caption guards
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 EDGE = 0.05  # "just above / below the threshold" means within this much of it
 MAX_ROUNDS_BACK = 20
@@ -52,20 +48,6 @@ def _shown(text: str, limit: int = TEXT_LIMIT) -> str:
     return escape(text[:limit]) + "&hellip;"
 
 
-def _read(url: str, columns: list[str]):
-    """A shard's columns; a shard the manifest counts but the folder lacks is a clear error."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        handle = fs.open(path, "rb")
-    except FileNotFoundError as exc:
-        raise ValueError(f"{url} is missing from the round; capfilt validate lists what "
-                         "else is") from exc
-    with handle:
-        file = pq.ParquetFile(handle)
-        names = set(file.schema_arrow.names)
-        return file.read(columns=[c for c in columns if c in names or c != GUARD_COLUMN])
-
-
 def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
     """The report of the round in ``round_dir`` as an HTML string."""
     manifest = read_manifest(round_dir)
@@ -74,7 +56,7 @@ def build_report(round_dir: str, samples: int = 24, seed: int = 0) -> str:
     rows = {}
     for shard in manifest.shards:
         if shard.status == "done":
-            rows[shard.index] = _read(shard_path(round_dir, shard.index),
+            rows[shard.index] = read_columns(shard_path(round_dir, shard.index),
                                       SCORE_COLUMNS + [GUARD_COLUMN]).to_pylist()
     chosen = choose_samples(rows, threshold, samples, seed)
     images = _thumbnails(round_dir, chosen)
@@ -141,7 +123,7 @@ def _thumbnails(round_dir: str, chosen: list[Sample]) -> dict[tuple[int, int], s
         wanted.setdefault(sample.shard, []).append(sample.row)
     out = {}
     for shard, indices in wanted.items():
-        column = _read(shard_path(round_dir, shard), ["jpg"]).column("jpg")
+        column = read_columns(shard_path(round_dir, shard), ["jpg"]).column("jpg")
         for index in indices:
             out[(shard, index)] = _thumbnail(column[index].as_py())
     return out

@@ -14,11 +14,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import fsspec
-import pyarrow.parquet as pq
-
 from capfilt.caption_diversity import CaptionSample, Diversity, diversity
-from capfilt.round_folder import rejects_path, shard_path
+from capfilt.round_folder import read_columns, rejects_path, shard_path
 from capfilt.selection import SYNTHETIC, WEB, check_whole
 from manifests import RoundManifest, read_manifest
 
@@ -173,14 +170,10 @@ def settings_changed(a: RoundManifest, b: RoundManifest) -> dict[str, list]:
 
 
 def _read(url: str, columns: list[str]) -> list[dict]:
-    fs, path = fsspec.core.url_to_fs(url)
     try:
-        handle = fs.open(path, "rb")
-    except FileNotFoundError as exc:
-        raise RoundDiffError(f"{url} is missing from the round; capfilt validate lists what "
-                             "else is") from exc
-    with handle:
-        return pq.read_table(handle, columns=columns).to_pylist()
+        return read_columns(url, columns).to_pylist()
+    except ValueError as exc:
+        raise RoundDiffError(str(exc)) from exc
 
 
 def _shard_rows(round_dir: str, index: int) -> dict[tuple, dict]:

@@ -76,6 +76,26 @@ def duplicates_path(root: str) -> str:
     return _join(root, "duplicates.parquet")
 
 
+# Per synthetic caption, the caption guard's reason (capfilt/caption_guards.py); rounds written
+# before the guards lack the column, and their captions were all scored.
+GUARD_COLUMN = "synthetic_guard"
+
+
+def read_columns(url: str, columns: list[str]) -> pa.Table:
+    """``columns`` of one of a round's parquet files; ``GUARD_COLUMN`` only where the file has
+    it. A file the manifest names but the folder lacks is a ``ValueError`` saying so."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        handle = fs.open(path, "rb")
+    except FileNotFoundError as exc:
+        raise ValueError(f"{url} is missing from the round; capfilt validate lists what "
+                         "else is") from exc
+    with handle:
+        file = pq.ParquetFile(handle)
+        names = set(file.schema_arrow.names)
+        return file.read(columns=[c for c in columns if c in names or c != GUARD_COLUMN])
+
+
 # Rows per parquet row group, as img2dataset writes them: training streams a round's shards in
 # row groups (capfilt/train/sources.py), so a group bounds what a reader holds.
 ROW_GROUP_ROWS = 100
