@@ -3,7 +3,7 @@ that no right caption is among them.
 
 1. **The grammar**: every right caption the world's grammar writes (5,160 scenes, 5 templates
    each), spelt as the demo's captioner spells it (the world's tokenizer, decoded as
-   capfilt/captioner.py decodes) and ending where it ends: within the demo round's
+   capfilt/captioning/blip_decoder.py decodes) and ending where it ends: within the demo round's
    ``max_new_tokens`` or not. The default guards must set none aside.
 2. **A demo round** (``--demo RUN``, a finished ``capfilt demo`` folder): ``capfilt run`` over
    the demo's web set with the models and sampling of its CapFilt round and the default guards,
@@ -26,8 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from capfilt.caption_guards import Caption, CaptionGuards, guard, repeat_share, word_share
-from capfilt.tiny import tiny_processor
+from capfilt.captioning.guards import Caption, CaptionGuards, guard, repeat_share, word_share
+from capfilt.models.tiny import tiny_processor
 from capfilt.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES, Scene
 from capfilt.world import SceneObject, describe, parse, vocabulary
 

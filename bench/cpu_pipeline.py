@@ -18,8 +18,8 @@ repeat; ratios are taken within a repeat and their median reported, since a shar
 drifts between minutes. ``--captions 10``: BLIP-2's recipe (ten captions, eleven texts scored per
 image) instead of BLIP's one caption.
 
-This process keeps its freed memory as capfilt's workers do (``capfilt/host_memory.py``), so the
-bare loop and the model card are not slowed by faulting pages in again; ``--glibc-default``
+This process keeps its freed memory as capfilt's workers do (``capfilt/step/host_memory.py``),
+so the bare loop and the model card are not slowed by faulting pages in again; ``--glibc-default``
 leaves malloc as glibc sets it. ``--actor-ab N``: one batch in turn here and in two actors, with
 page faults per batch.
 
@@ -51,18 +51,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capfilt.captioner import Captioner  # noqa: E402
-from capfilt.host_memory import keep_freed_memory  # noqa: E402
-from capfilt.image_transform import ImageTransform  # noqa: E402
-from capfilt.images import decode_image  # noqa: E402
-from capfilt.models import load_model  # noqa: E402
-from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
-from capfilt.scorer import Scorer  # noqa: E402
-from capfilt.shard_reader import read_shard  # noqa: E402
-from capfilt.shard_runner import run_shard  # noqa: E402
-from capfilt.stage import CapFiltStage  # noqa: E402
-from capfilt.stage_config import SamplingConfig, StageConfig  # noqa: E402
-from capfilt.tiny import tiny_vocabulary  # noqa: E402
+from capfilt.captioning.blip_decoder import Captioner  # noqa: E402
+from capfilt.step.host_memory import keep_freed_memory  # noqa: E402
+from capfilt.images.transform import ImageTransform  # noqa: E402
+from capfilt.images.decode import decode_image  # noqa: E402
+from capfilt.models.loading import load_model  # noqa: E402
+from capfilt.shards.samples import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.scoring.blip_itm import Scorer  # noqa: E402
+from capfilt.shards.reader import read_shard  # noqa: E402
+from capfilt.step.shard_runner import run_shard  # noqa: E402
+from capfilt.step.stage import CapFiltStage  # noqa: E402
+from capfilt.captioning.settings import SamplingConfig  # noqa: E402
+from capfilt.step.stage_config import StageConfig  # noqa: E402
+from capfilt.models.tiny import tiny_vocabulary  # noqa: E402
 
 BATCH = 16
 
@@ -330,7 +331,7 @@ def main() -> None:
                         help="only the bare loop with SDPA against Hugging Face's eager attention")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    # capfilt's workers keep their freed memory (capfilt/host_memory.py); the bare loop and
+    # capfilt's workers keep their freed memory (capfilt/step/host_memory.py); the bare loop and
     # the model card get the same, so neither ratio credits capfilt with it.
     keeps = False if args.glibc_default else keep_freed_memory()
     if args.scaling_child:

@@ -3,7 +3,7 @@
     python bench/duplicate_index.py [--images 1000000] [--out FILE.json]
 
 Fingerprint tables of ``--images`` distinct random images (10,000 a shard, 20% of them copies of
-an earlier image and 5% near-copies) go through ``capfilt.duplicate_index.find_duplicates``
+an earlier image and 5% near-copies) go through ``capfilt.images.duplicate_index.find_duplicates``
 as the driver runs it; prints its seconds, images per second and the growth of the process's
 peak resident memory per image, and checks the marks found against the ones made.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from bench.duplicates import commit, machine
-from capfilt.duplicate_index import find_duplicates
-from capfilt.image_hashes import HASHES_SCHEMA
+from capfilt.images.duplicate_index import find_duplicates
+from capfilt.images.fingerprints import HASHES_SCHEMA
 
 PER_SHARD = 10_000
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from capfilt.world.build import WorldSpec, build_world
 from capfilt.world.models import write_world_models
 from pipelines.plan import RoundOptions

@@ -38,14 +38,15 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capfilt.host_memory import keep_freed_memory  # noqa: E402
-from capfilt.sample_shards import IMG2DATASET_SCHEMA  # noqa: E402
-from capfilt.selection import Policy  # noqa: E402
-from capfilt.shard_reader import read_shard  # noqa: E402
-from capfilt.shard_runner import run_shard  # noqa: E402
-from capfilt.stage import CapFiltStage, scored_texts  # noqa: E402
-from capfilt.stage_config import SamplingConfig, StageConfig, gpu_decoders  # noqa: E402
-from capfilt.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
+from capfilt.step.host_memory import keep_freed_memory  # noqa: E402
+from capfilt.shards.samples import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.scoring.selection import Policy  # noqa: E402
+from capfilt.shards.reader import read_shard  # noqa: E402
+from capfilt.step.shard_runner import run_shard  # noqa: E402
+from capfilt.step.stage import CapFiltStage, scored_texts  # noqa: E402
+from capfilt.captioning.settings import SamplingConfig  # noqa: E402
+from capfilt.step.stage_config import StageConfig, gpu_decoders  # noqa: E402
+from capfilt.models.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
 
 NEW_TOKENS = 20  # min = max: every caption costs the same, whatever the weights
 RECIPES = {

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from capfilt.sample_shards import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.shards.samples import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.train.build import build_task  # noqa: E402
 from capfilt.train.loader import rank_loader  # noqa: E402
 from capfilt.train.loop import TrainConfig, train_step  # noqa: E402

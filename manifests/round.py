@@ -62,7 +62,8 @@ class ShardResult:
     kept_by_source: dict[str, int] = field(default_factory=dict)
     texts_by_source: dict[str, int] = field(default_factory=dict)
     images_without_kept: int = 0
-    # Synthetic captions a caption guard set aside unscored, by reason (capfilt/caption_guards.py)
+    # Synthetic captions a caption guard set aside unscored, by reason
+    # (capfilt/captioning/guards.py)
     guarded_by_reason: dict[str, int] = field(default_factory=dict)
     input_sha256: str | None = None
     input_bytes: int | None = None

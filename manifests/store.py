@@ -42,7 +42,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` under a temporary name in the same folder, then rename over ``url``.
 
     A failed write (out of disk, say) leaves no half-written file behind; a killed writer
-    leaves a hidden one, which the next run of the round sweeps (capfilt/round_folder.py).
+    leaves a hidden one, which the next run of the round sweeps (capfilt/rounds/folder.py).
     """
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

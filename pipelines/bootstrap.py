@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-from capfilt.stage_config import StageConfig
+from capfilt.step.stage_config import StageConfig
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.bootstrap_config import BootstrapConfig, StepTraining

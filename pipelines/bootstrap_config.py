@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from capfilt.selection import check_whole
+from capfilt.scoring.selection import check_whole
 from capfilt.train.build import check_queue_size
 from capfilt.train.loop import TrainConfig
 from pipelines.config import ConfigError

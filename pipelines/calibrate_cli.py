@@ -15,8 +15,8 @@ KEEP_RATE_STEP = 0.05  # the printed table: one row per 5 points of keep-rate
 
 
 def command_calibrate(args: argparse.Namespace) -> int:
-    from capfilt.calibration_record import calibrate_round, snippet, write_record
-    from capfilt.report import write_report
+    from capfilt.calibration.record import calibrate_round, snippet, write_record
+    from capfilt.report.round_report import write_report
     from manifests.store import write_text_atomic
     from pipelines.cli import home_path
 
@@ -50,7 +50,7 @@ def command_calibrate(args: argparse.Namespace) -> int:
 
 
 def _target(args: argparse.Namespace) -> tuple[str | None, float | None]:
-    from capfilt.selection import check_number
+    from capfilt.scoring.selection import check_number
 
     if args.precision is not None and args.keep_rate is not None:
         raise ValueError("give --precision or --keep-rate, not both")
@@ -97,7 +97,7 @@ def describe(found, score: str) -> list[str]:
 
 
 def _recommendation(found, score: str, rec, level: str) -> list[str]:
-    from capfilt.calibration import best_by_bound
+    from capfilt.calibration.thresholds import best_by_bound
 
     name = score.upper()
     if rec.point is None:

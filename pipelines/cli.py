@@ -219,7 +219,7 @@ def command_demo(args) -> int:
 
 
 def command_validate(args) -> int:
-    from capfilt.round_check import check_round
+    from capfilt.rounds.check import check_round
 
     problems = check_round(args.round_dir)
     for problem in problems:
@@ -231,7 +231,7 @@ def command_validate(args) -> int:
 
 
 def command_tiny_models(args) -> int:
-    from capfilt.tiny import write_tiny_models
+    from capfilt.models.tiny import write_tiny_models
 
     paths = write_tiny_models(args.dir, seed=args.seed, image_size=args.image_size)
     for role, path in paths.items():
@@ -240,7 +240,7 @@ def command_tiny_models(args) -> int:
 
 
 def command_report(args) -> int:
-    from capfilt.report import write_report
+    from capfilt.report.round_report import write_report
 
     print(write_report(args.round_dir, samples=args.samples))
     return 0

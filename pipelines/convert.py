@@ -8,7 +8,7 @@ import argparse
 def command_convert(args: argparse.Namespace) -> int:
     # Imported here: torch and transformers take seconds, and every command's parser is
     # built from this module (``capfilt --help`` should not wait for them).
-    from capfilt.convert_blip import convert_checkpoint
+    from capfilt.models.convert_blip import convert_checkpoint
 
     conversion = convert_checkpoint(args.checkpoint, args.kind, args.out, args.processor_from)
     print(f"{args.kind}: {len(conversion.state_dict)} tensors -> {args.out}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capfilt.calibration import shortest_cut
-from capfilt.calibration_record import calibrate_round, write_record
+from capfilt.calibration.thresholds import shortest_cut
+from capfilt.calibration.record import calibrate_round, write_record
 from capfilt.world.build import load_web_noise
 
 LABELS = 300  # web captions an auditor labels (at most half the round's, in --quick)
@@ -95,7 +95,7 @@ def compare(round_dir: Path, truth: Path, labels: Path, size: int, seed: int,
 def calibrate_demo(root: Path, round_dir: Path, truth: Path, seed: int) -> dict:
     """Calibrate the demo's CapFilt round from ``root/labels.csv`` (written here), record it
     in the round (its report shows the curves) and compare on all web captions."""
-    from capfilt.report import write_report
+    from capfilt.report.round_report import write_report
 
     found, result = compare(round_dir, truth, root / "labels.csv", LABELS, seed)
     write_record(str(round_dir), found)

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections import Counter
 
-from capfilt.round_diff import RoundDiff, diff_rounds
+from capfilt.rounds.diff import RoundDiff, diff_rounds
 from capfilt.terminal import terminal_safe
 from manifests import write_json_atomic
 

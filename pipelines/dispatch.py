@@ -13,8 +13,8 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from capfilt.shard_reader import ReaderOptions
-from capfilt.stage_config import StageConfig, gpu_decoders
+from capfilt.shards.reader import ReaderOptions
+from capfilt.step.stage_config import StageConfig, gpu_decoders
 from manifests import ShardResult, ShardStatus
 from workers.shard_worker import start_workers
 
@@ -81,7 +81,7 @@ def dispatch(
         count = min(workers or gpus, len(todo))
         gpus_each, cpus_each, threads, device = 1.0, 1.0, None, "cuda"
         # The GPU waits on JPEG decoding unless the node's cores decode for it, in processes:
-        # decode threads take the GIL from the model loop (capfilt/decoding.py).
+        # decode threads take the GIL from the model loop (capfilt/images/batch_decoding.py).
         decode_threads, decode_processes = config.decode_threads, gpu_decoders(cpus, gpus)
     else:
         count = max(1, min(workers or 1, len(todo)))

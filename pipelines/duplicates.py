@@ -1,7 +1,7 @@
 """Find the round's repeated images before any shard runs, so each is captioned and scored once.
 
 Every input shard is fingerprinted by a Ray task (``workers.fingerprint_tasks``); the driver
-orders the fingerprints by input position (``capfilt.duplicate_index``), writes them to
+orders the fingerprints by input position (``capfilt.images.duplicate_index``), writes them to
 ``ROUND/duplicates.parquet`` and hands each worker the rows of its shard to set aside. The whole
 index is made again on a rerun: it costs one more read of the inputs, and a resumed round gets
 the same marks as an uninterrupted one.
@@ -17,9 +17,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.duplicate_index import EXACT, NEAR, Mark, find_duplicates, marks_by_shard
-from capfilt.round_folder import duplicates_path, write_parquet_atomic
-from capfilt.shard_reader import ReaderOptions
+from capfilt.images.duplicate_index import EXACT, NEAR, Mark, find_duplicates, marks_by_shard
+from capfilt.rounds.folder import duplicates_path, write_parquet_atomic
+from capfilt.shards.reader import ReaderOptions
 from workers.fingerprint_tasks import fingerprint_shards
 
 log = logging.getLogger(__name__)

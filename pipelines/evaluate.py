@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from capfilt.evaluate import caption_quality, load_eval_set, retrieval_recall
-from capfilt.model_source import weights_sha256
-from capfilt.models import load_model
-from capfilt.stage_config import SamplingConfig
+from capfilt.evaluation.evaluate import caption_quality, load_eval_set, retrieval_recall
+from capfilt.models.source import weights_sha256
+from capfilt.models.loading import load_model
+from capfilt.captioning.settings import SamplingConfig
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from pipelines.jobs import job_versions, now, parent_manifest
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.duplicate_index import MODES
-from capfilt.generation_length import check_generation_length
-from capfilt.model_source import check_model_source, gives_itm, weights_sha256
-from capfilt.round_folder import finished_shard, plan_path, sweep_temporaries
-from capfilt.shard_reader import ReaderOptions, expand_inputs
-from capfilt.stage_config import StageConfig
+from capfilt.images.duplicate_index import MODES
+from capfilt.captioning.generation_length import check_generation_length
+from capfilt.models.source import check_model_source, gives_itm, weights_sha256
+from capfilt.rounds.folder import finished_shard, plan_path, sweep_temporaries
+from capfilt.shards.reader import ReaderOptions, expand_inputs
+from capfilt.step.stage_config import StageConfig
 from manifests import ManifestError, ShardResult, read_manifest
 from manifests.store import read_json, write_json_atomic
 

@@ -6,10 +6,10 @@ import logging
 import time
 from contextlib import nullcontext
 
-from capfilt.model_source import model_class_name
-from capfilt.report import write_report
-from capfilt.round_folder import name_parts_in_round
-from capfilt.shard_reader import shard_format
+from capfilt.models.source import model_class_name
+from capfilt.report.round_report import write_report
+from capfilt.rounds.folder import name_parts_in_round
+from capfilt.shards.reader import shard_format
 from capfilt.terminal import held_records, log_file
 from manifests import (
     InputShard,

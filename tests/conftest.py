@@ -10,15 +10,15 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 import pytest
 
-from capfilt.caption_guards import CaptionGuards
-from capfilt.captioner import Captioner
-from capfilt.image_transform import ImageTransform
-from capfilt.models import load_model
-from capfilt.scorer import Scorer
-from capfilt.selection import Policy
-from capfilt.stage import CapFiltStage
-from capfilt.stage_config import SamplingConfig
-from capfilt.tiny import write_tiny_models
+from capfilt.captioning.guards import CaptionGuards
+from capfilt.captioning.blip_decoder import Captioner
+from capfilt.images.transform import ImageTransform
+from capfilt.models.loading import load_model
+from capfilt.scoring.blip_itm import Scorer
+from capfilt.scoring.selection import Policy
+from capfilt.step.stage import CapFiltStage
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.tiny import write_tiny_models
 from tests.web_world import img2dataset_download
 
 # 4 shards of 5 rows from 12 images, a broken file and a missing one.
@@ -73,7 +73,7 @@ def make_stage(loaded, sampling=SamplingConfig(), policy=Policy(), seed=0,
 @pytest.fixture(scope="session")
 def blank(tmp_path_factory):
     """A tiny BLIP config + processor folder to train from scratch (weights there are not read)."""
-    from capfilt.tiny import save_random_models, tiny_config, tiny_processor
+    from capfilt.models.tiny import save_random_models, tiny_config, tiny_processor
 
     folder = tmp_path_factory.mktemp("blank")
     processor = tiny_processor(32)

@@ -3,11 +3,11 @@ Face's eager modules on the same weights."""
 
 import torch
 
-from capfilt.attention import image_kv_once, use_sdpa
-from capfilt.captioner import Captioner
-from capfilt.models import load_model
-from capfilt.scorer import Scorer
-from capfilt.stage_config import SamplingConfig
+from capfilt.models.attention import image_kv_once, use_sdpa
+from capfilt.captioning.blip_decoder import Captioner
+from capfilt.models.loading import load_model
+from capfilt.scoring.blip_itm import Scorer
+from capfilt.captioning.settings import SamplingConfig
 
 TEXTS = [["a red square", "two birds on a wire", "a picture of nothing at all"],
          ["a dog"], [], ["a blue circle on the left", "a"]]

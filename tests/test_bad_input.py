@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.sample_shards import draw_shape, jpeg_bytes
-from capfilt.shard_runner import run_shard
+from capfilt.shards.samples import draw_shape, jpeg_bytes
+from capfilt.step.shard_runner import run_shard
 from tests.conftest import NO_GUARDS, make_stage
 
 

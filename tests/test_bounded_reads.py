@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.bounded_reads import MAX_COMPRESSION_RATIO
-from capfilt.images import ImageRejected, decode_cost, decode_image
-from capfilt.sample_shards import draw_shape, jpeg_bytes, write_sample_shards
-from capfilt.shard_reader import ShardReadError, read_shard
+from capfilt.shards.bounded_reads import MAX_COMPRESSION_RATIO
+from capfilt.images.decode import ImageRejected, decode_cost, decode_image
+from capfilt.shards.samples import draw_shape, jpeg_bytes, write_sample_shards
+from capfilt.shards.reader import ShardReadError, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_MEMORY = 3 << 30  # address space: pyarrow and numpy start in well under this
@@ -40,7 +40,7 @@ def run_limited(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def read_in_child(path: Path) -> str:
     """The one line ``read_shard`` fails with, read in a limited child."""
     done = run_limited(f"""
-        from capfilt.shard_reader import ShardReadError, read_shard
+        from capfilt.shards.reader import ShardReadError, read_shard
         try:
             read_shard({str(path)!r})
         except ShardReadError as exc:
@@ -136,7 +136,7 @@ def peak_decode_in_child(path: Path) -> tuple[str, int]:
     The peak is the child's VmHWM: getrusage's ru_maxrss keeps the peak of the process it was
     forked from (pytest's, with torch and models: hundreds of MB), which hides the decode's."""
     done = run_limited(f"""
-        from capfilt.images import ImageRejected, decode_image
+        from capfilt.images.decode import ImageRejected, decode_image
         def peak_kib():
             with open("/proc/self/status") as status:
                 return next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))

@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.calibration import MIN_KEPT, CalibrationError, build_curve
-from capfilt.calibration_record import calibrate_round
-from capfilt.report import build_report
-from capfilt.calibration_labels import GUARDED, join_labels, read_labels
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.calibration.thresholds import MIN_KEPT, CalibrationError, build_curve
+from capfilt.calibration.record import calibrate_round
+from capfilt.report.round_report import build_report
+from capfilt.calibration.labels import GUARDED, join_labels, read_labels
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from tests.conftest import NO_GUARDS
 from pipelines.cli import main
 from pipelines.plan import RoundOptions

@@ -8,16 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from capfilt.caption_guards import Caption, CaptionGuards, guard, repeat_share, word_share
-from capfilt.captioner import Captioner
-from capfilt.kept import kept_texts
-from capfilt.pairs import pairs_table
-from capfilt.report import build_report
-from capfilt.round_check import check_round
-from capfilt.scorer import Scorer
-from capfilt.shard_reader import read_shard
-from capfilt.shard_runner import run_shard
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.captioning.guards import Caption, CaptionGuards, guard, repeat_share, word_share
+from capfilt.captioning.blip_decoder import Captioner
+from capfilt.rounds.kept_texts import kept_texts
+from capfilt.rounds.pairs import pairs_table
+from capfilt.report.round_report import build_report
+from capfilt.rounds.check import check_round
+from capfilt.scoring.blip_itm import Scorer
+from capfilt.shards.reader import read_shard
+from capfilt.step.shard_runner import run_shard
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from capfilt.train.sources import round_captions
 from manifests import read_manifest
 from manifests.lineage import describe

@@ -2,8 +2,8 @@
 
 import torch
 
-from capfilt.captioner import Captioner
-from capfilt.sampling import (
+from capfilt.captioning.blip_decoder import Captioner
+from capfilt.captioning.sampling import (
     TIE_ROOM,
     apply_repetition_penalty,
     row_uniforms,
@@ -11,8 +11,8 @@ from capfilt.sampling import (
     sample_rows,
     top_k_top_p,
 )
-from capfilt.seeding import caption_seed
-from capfilt.stage_config import SamplingConfig
+from capfilt.captioning.seeding import caption_seed
+from capfilt.captioning.settings import SamplingConfig
 
 
 def pixels(n: int, seed: int = 0) -> torch.Tensor:

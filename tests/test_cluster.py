@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.round_check import check_round
-from capfilt.sample_shards import write_sample_shards
+from capfilt.rounds.check import check_round
+from capfilt.shards.samples import write_sample_shards
 from tests.test_faults import wait_for, worker_pids
 from tests.torch_free import torch_free_capfilt
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.convert_blip import ConversionError, convert_checkpoint
-from capfilt.tiny import tiny_config, tiny_processor
+from capfilt.models.convert_blip import ConversionError, convert_checkpoint
+from capfilt.models.tiny import tiny_config, tiny_processor
 from pipelines.cli import main
 
 # salesforce/BLIP's module names (models/vit.py, models/blip*.py), written out independently

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from capfilt.decoding import ProcessDecoder, ThreadDecoder
-from capfilt.image_transform import ImageTransform
-from capfilt.images import ImageRejected
-from capfilt.input_rows import INPUT_SCHEMA
-from capfilt.sample_shards import draw_shape, jpeg_bytes
+from capfilt.images.batch_decoding import ProcessDecoder, ThreadDecoder
+from capfilt.images.transform import ImageTransform
+from capfilt.images.decode import ImageRejected
+from capfilt.shards.input_rows import INPUT_SCHEMA
+from capfilt.shards.samples import draw_shape, jpeg_bytes
 
 BASE = {"url": None, "caption": "c", "status": "success", "error_message": None}
 
@@ -89,8 +89,8 @@ def test_processes_decode_as_threads_do_and_outlive_a_killed_process(transforms)
 
 SMALL_SHM_CHILD = """
 import json, logging, sys
-from capfilt.decoding import ProcessDecoder, ThreadDecoder
-from capfilt.image_transform import ImageTransform
+from capfilt.images.batch_decoding import ProcessDecoder, ThreadDecoder
+from capfilt.images.transform import ImageTransform
 from tests.test_decoding import batch, outcome_summary
 
 
@@ -151,8 +151,8 @@ from pathlib import Path
 def main(cgroup, limit_file, usage_file, headroom):
     # Imported here: each decoding process imports this file, and it needs none of it.
     import torch
-    from capfilt.decoding import ProcessDecoder, ThreadDecoder
-    from capfilt.image_transform import ImageTransform
+    from capfilt.images.batch_decoding import ProcessDecoder, ThreadDecoder
+    from capfilt.images.transform import ImageTransform
     from tests.test_decoding import batch, huge_png_row, outcome_summary
 
     caption = ImageTransform(64, 64, "bicubic", (0.5,) * 3, (0.25,) * 3)

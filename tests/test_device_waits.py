@@ -12,9 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from capfilt.captioner import Captioner
-from capfilt.scorer import Scorer
-from capfilt.stage_config import SamplingConfig
+from capfilt.captioning.blip_decoder import Captioner
+from capfilt.scoring.blip_itm import Scorer
+from capfilt.captioning.settings import SamplingConfig
 
 
 @pytest.fixture
@@ -40,11 +40,11 @@ def test_a_batch_asks_the_device_only_when_each_model_is_done(loaded, questions)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     captions = captioner(images, ["a", "b", "c", "d"])
     scorer(images, [["a red circle", "a blue square on the left"] + row for row in captions])
-    # The finished flag of each step, read one step late from a host copy (capfilt.transfer).
+    # The finished flag of each step, read one step late from a host copy (capfilt.models.transfer).
     flags = questions.pop(("__bool__", "transfer.py", "value"), 0)
     assert 1 <= flags <= 12
     assert dict(questions) == {
-        ("__bool__", "captioner.py", "_sample"): 1,  # did the top-k candidates hold? (at the end)
-        ("tolist", "captioner.py", "_decode"): 1,  # the captions' tokens
-        ("tolist", "scorer.py", "__call__"): 1,  # the scores
+        ("__bool__", "blip_decoder.py", "_sample"): 1,  # did the top-k candidates hold? (at the end)
+        ("tolist", "blip_decoder.py", "_decode"): 1,  # the captions' tokens
+        ("tolist", "blip_itm.py", "__call__"): 1,  # the scores
     }

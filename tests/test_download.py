@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from capfilt.shard_reader import expand_inputs
+from capfilt.shards.reader import expand_inputs
 from pipelines.cli import main
 
 

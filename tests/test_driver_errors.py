@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.sample_shards import write_sample_shards
+from capfilt.shards.samples import write_sample_shards
 from pipelines.cli import main
 
 SHARDS, ROWS = 6, 32

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.duplicate_index import find_duplicates
-from capfilt.image_hashes import HASHES_SCHEMA, looks, shard_hashes
-from capfilt.round_check import check_round
-from capfilt.sample_shards import COLOURS, SHAPES, draw_shape, jpeg_bytes
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.images.duplicate_index import find_duplicates
+from capfilt.images.fingerprints import HASHES_SCHEMA, looks, shard_hashes
+from capfilt.rounds.check import check_round
+from capfilt.shards.samples import COLOURS, SHAPES, draw_shape, jpeg_bytes
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
 from tests.web_world import download_site

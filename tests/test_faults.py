@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.model_source import weights_sha256
-from capfilt.sample_shards import write_sample_shards
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.models.source import weights_sha256
+from capfilt.shards.samples import write_sample_shards
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from pipelines.dispatch import WorkerStartError
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round

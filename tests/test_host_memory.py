@@ -1,4 +1,4 @@
-"""Workers keep freed host memory for the next batch (capfilt/host_memory.py).
+"""Workers keep freed host memory for the next batch (capfilt/step/host_memory.py).
 
 Whether glibc hands a batch's memory back to the kernel depends on where the process's other
 small blocks happen to lie, so on the process's whole history, down to Python's hash seed: the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import ray
 
-from capfilt.host_memory import keep_freed_memory
-from capfilt.stage_config import StageConfig
+from capfilt.step.host_memory import keep_freed_memory
+from capfilt.step.stage_config import StageConfig
 from workers.shard_worker import start_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ PAGES = 72 * (1 << 20) // os.sysconf("SC_PAGE_SIZE")  # the batch's working set
 
 BATCHES = """
 import json, resource, torch
-from capfilt.host_memory import keep_freed_memory
+from capfilt.step.host_memory import keep_freed_memory
 
 def batch():
     # A block larger than the rest, then a stack of activations alive together, and one

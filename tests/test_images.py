@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from transformers import BlipImageProcessor
 
-from capfilt.image_transform import ImageTransform
-from capfilt.images import ImageRejected, decode_image
-from capfilt.sample_shards import draw_shape, jpeg_bytes
+from capfilt.images.transform import ImageTransform
+from capfilt.images.decode import ImageRejected, decode_image
+from capfilt.shards.samples import draw_shape, jpeg_bytes
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:

@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.captioner import Captioner
-from capfilt.convert_blip import convert_checkpoint
-from capfilt.generation_length import check_generation_length
-from capfilt.model_source import ModelSourceError, check_model_source
-from capfilt.models import load_model
-from capfilt.sample_shards import write_sample_shards
-from capfilt.scorer import MAX_TEXT_TOKENS, Scorer
-from capfilt.scorers import make_scorer
-from capfilt.stage_config import SamplingConfig
+from capfilt.captioning.blip_decoder import Captioner
+from capfilt.models.convert_blip import convert_checkpoint
+from capfilt.captioning.generation_length import check_generation_length
+from capfilt.models.source import ModelSourceError, check_model_source
+from capfilt.models.loading import load_model
+from capfilt.shards.samples import write_sample_shards
+from capfilt.scoring.blip_itm import MAX_TEXT_TOKENS, Scorer
+from capfilt.scoring.for_checkpoint import make_scorer
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.train.build import build_task
 from pipelines.cli import main
 from tests.test_blip2_scorer import blip2_filter  # noqa: F401  (a fixture)

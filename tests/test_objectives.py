@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch.utils.checkpoint import set_checkpoint_early_stop
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.tiny import tiny_processor
+from capfilt.models.tiny import tiny_processor
 from capfilt.train import tasks as tasks_module
 from capfilt.train.build import build_task
 from capfilt.train.loop import TrainConfig

@@ -2,8 +2,8 @@
 
 import torch
 
-from capfilt.patch_embedding import patches_as_products
-from capfilt.tiny import tiny_config
+from capfilt.models.patch_embedding import patches_as_products
+from capfilt.models.tiny import tiny_config
 
 
 def test_the_product_equals_the_convolution_and_the_tower_its_output():

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.model_source import ModelSourceError, check_model_source
-from capfilt.sample_shards import write_sample_shards
-from capfilt.stage_config import StageConfig
+from capfilt.models.source import ModelSourceError, check_model_source
+from capfilt.shards.samples import write_sample_shards
+from capfilt.step.stage_config import StageConfig
 from pipelines.plan import PlanError, RoundOptions, plan_round
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

@@ -94,8 +94,8 @@ def test_a_round_reports_rows_inside_its_shard(ray_local, tiny_models, tmp_path,
     """A real round: the driver asks the busy worker how far its shard has come."""
     import pipelines.dispatch
     import pipelines.progress
-    from capfilt.sample_shards import write_sample_shards
-    from capfilt.stage_config import StageConfig
+    from capfilt.shards.samples import write_sample_shards
+    from capfilt.step.stage_config import StageConfig
     from pipelines.plan import RoundOptions
     from pipelines.round import run_round
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.sample_shards import draw_shape, jpeg_bytes
-from capfilt.shard_reader import (
+from capfilt.shards.samples import draw_shape, jpeg_bytes
+from capfilt.shards.reader import (
     ReaderOptions,
     ShardReadError,
     expand_inputs,

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.sample_shards import IMG2DATASET_SCHEMA, sample_rows, write_sample_shards
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.shards.samples import IMG2DATASET_SCHEMA, sample_rows, write_sample_shards
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
 

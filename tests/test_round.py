@@ -13,9 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.round_check import check_round
-from capfilt.shard_reader import read_shard
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.rounds.check import check_round
+from capfilt.shards.reader import read_shard
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from manifests import validate_manifest
 from pipelines.plan import PlanError, RoundOptions
 from pipelines.round import run_round
@@ -98,11 +99,12 @@ def test_manifest_validates_against_the_schema(first_round, tiny_models):
 def test_the_driver_checks_and_names_models_without_torch(tiny_models):
     """The driver's side of a round (plan, dispatch, actors' module, manifest) imports no torch
     or transformers; what it records of a model comes from the model's files."""
-    from capfilt.models import model_class
+    from capfilt.models.loading import model_class
     from pipelines.jobs import job_versions
 
     code = ("import json, pipelines.round, pipelines.dispatch, workers.shard_worker\n"
-            "from capfilt.model_source import check_model_source, model_class_name, weights_sha256\n"
+            "from capfilt.models.source import (check_model_source, model_class_name,\n"
+            "                                    weights_sha256)\n"
             "from pipelines.jobs import job_versions\n"
             "for path, role in zip(sys.argv[1:], ('captioner', 'filter')):\n"
             "    check_model_source(path, role)\n"
@@ -173,7 +175,7 @@ def test_a_round_names_its_parent(first_round, second_round, tiny_models, img2da
 
 def test_rounds_moved_together_keep_their_lineage(first_round, second_round, tmp_path,
                                                   monkeypatch):
-    from capfilt.report import build_report
+    from capfilt.report.round_report import build_report
 
     first, second = first_round[0], second_round[0]
     common = Path(os.path.commonpath([first, second]))

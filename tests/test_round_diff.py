@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.bleu import corpus_bleu
-from capfilt.caption_diversity import CaptionSample, distinct_n, self_bleu
-from capfilt.round_diff import RoundDiffError, comparable_shards, diff_rounds
-from capfilt.sample_shards import IMG2DATASET_SCHEMA, sample_rows
-from capfilt.selection import Policy
-from capfilt.shard_reader import ReaderOptions
-from capfilt.stage_config import SamplingConfig, StageConfig
+from capfilt.evaluation.bleu import corpus_bleu
+from capfilt.evaluation.caption_diversity import CaptionSample, distinct_n, self_bleu
+from capfilt.rounds.diff import RoundDiffError, comparable_shards, diff_rounds
+from capfilt.shards.samples import IMG2DATASET_SCHEMA, sample_rows
+from capfilt.scoring.selection import Policy
+from capfilt.shards.reader import ReaderOptions
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.step.stage_config import StageConfig
 from tests.conftest import NO_GUARDS
 from manifests import read_manifest
 from pipelines.cli import main

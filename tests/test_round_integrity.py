@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.pairs import pairs_table
-from capfilt.shard_reader import input_fingerprint, read_shard
-from capfilt.tiny import write_tiny_models
+from capfilt.rounds.pairs import pairs_table
+from capfilt.shards.reader import input_fingerprint, read_shard
+from capfilt.models.tiny import write_tiny_models
 from pipelines.cli import main
 from pipelines.plan import PlanError, plan_round
 from pipelines.round import run_round
@@ -93,7 +93,7 @@ def test_the_resume_check_reads_only_regular_files(img2dataset_webdataset, tmp_p
     shutil.copy(img2dataset_webdataset / "00000.tar", tmp_path / "00001.tar")
     for name in ("00000.tar", "00001.tar"):
         done = run_limited(f"""
-            from capfilt.shard_reader import ShardReadError, input_fingerprint
+            from capfilt.shards.reader import ShardReadError, input_fingerprint
             try:
                 input_fingerprint({str(tmp_path / name)!r})
             except ShardReadError as exc:
@@ -183,7 +183,7 @@ DYING_WRITER = """
 import resource, signal, sys
 import numpy as np
 import pyarrow as pa
-from capfilt.round_folder import write_parquet_atomic
+from capfilt.rounds.folder import write_parquet_atomic
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; a worker killed by it
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 noise = np.random.default_rng(0).bytes(4 << 20)

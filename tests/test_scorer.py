@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capfilt.scorer import MAX_TEXT_TOKENS, Scorer, pad_right
+from capfilt.scoring.blip_itm import MAX_TEXT_TOKENS, Scorer, pad_right
 
 
 @pytest.mark.parametrize("text_batch", [256, 1])  # padded chunks; one text, no padding

@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from capfilt.model_source import ModelSourceError, check_model_source
-from capfilt.models import load_model
+from capfilt.models.source import ModelSourceError, check_model_source
+from capfilt.models.loading import load_model
 from capfilt.terminal import terminal_safe
 
 
@@ -78,8 +78,8 @@ def test_local_models_never_touch_the_network_and_hub_ids_do(tiny_models):
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     # One process (the hub's address is read at import): the local folders load first, then a
     # hub id is checked. Every request the hub sees must be the hub id's: none for the folders.
-    script = ("import sys\nfrom capfilt.model_source import ModelSourceError, check_model_source\n"
-              "from capfilt.models import load_model\n"
+    script = ("import sys\nfrom capfilt.models.source import ModelSourceError, check_model_source\n"
+              "from capfilt.models.loading import load_model\n"
               "load_model(sys.argv[1], 'captioner'); load_model(sys.argv[2], 'filter')\n"
               "print('LOCAL-LOADED', flush=True)\n"
               "try:\n    check_model_source('someone/blip-captioner', 'captioner')\n"

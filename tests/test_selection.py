@@ -2,7 +2,7 @@
 
 import pytest
 
-from capfilt.selection import Candidate, Policy, candidates, select
+from capfilt.scoring.selection import Candidate, Policy, candidates, select
 
 TEXTS = candidates(
     "web caption", 0.62, 0.30,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.caption_guards import CaptionGuards
-from capfilt.sample_shards import write_sample_shards
-from capfilt.selection import Policy
-from capfilt.stage_config import SamplingConfig
+from capfilt.captioning.guards import CaptionGuards
+from capfilt.shards.samples import write_sample_shards
+from capfilt.scoring.selection import Policy
+from capfilt.captioning.settings import SamplingConfig
 from pipelines.bootstrap_config import BootstrapConfigError, load_bootstrap_config
 from pipelines.bootstrap import round_options_for
 from pipelines.cli import main, parse_args, round_options

@@ -5,13 +5,13 @@ from dataclasses import replace
 import pyarrow as pa
 import torch
 
-from capfilt.images import decode_image
-from capfilt.input_rows import INPUT_SCHEMA
-from capfilt.sample_shards import draw_shape, jpeg_bytes
-from capfilt.selection import Policy
-from capfilt.shard_reader import read_shard
-from capfilt.stage import CapFiltStage
-from capfilt.stage_config import gpu_decoders
+from capfilt.images.decode import decode_image
+from capfilt.shards.input_rows import INPUT_SCHEMA
+from capfilt.shards.samples import draw_shape, jpeg_bytes
+from capfilt.scoring.selection import Policy
+from capfilt.shards.reader import read_shard
+from capfilt.step.stage import CapFiltStage
+from capfilt.step.stage_config import gpu_decoders
 from tests.conftest import NO_GUARDS, make_stage
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from capfilt.image_transform import ImageTransform
-from capfilt.sample_shards import IMG2DATASET_SCHEMA
-from capfilt.tiny import tiny_processor
+from capfilt.images.transform import ImageTransform
+from capfilt.shards.samples import IMG2DATASET_SCHEMA
+from capfilt.models.tiny import tiny_processor
 from capfilt.train.loader import StreamSpec, rank_loader, slot_batches
 from capfilt.train.sources import (
     Source,
@@ -197,7 +197,7 @@ def test_img2dataset_rows_that_failed_are_skipped_with_their_reasons(img2dataset
 
 
 def test_a_round_folder_streams_its_view(tmp_path, shards):
-    from capfilt.round_folder import ROW_GROUP_ROWS
+    from capfilt.rounds.folder import ROW_GROUP_ROWS
 
     round_dir = tmp_path / "round"
     (round_dir / "shards").mkdir(parents=True)
@@ -307,7 +307,7 @@ def test_large_jpegs_decode_scaled_down_to_what_the_model_needs():
     stay within a few levels of a full decode followed by the same resize."""
     import numpy as np
 
-    from capfilt.images import decode_image
+    from capfilt.images.decode import decode_image
 
     y, x = np.mgrid[0:480, 0:640]
     pixels = np.stack([x * 255 // 640, y * 255 // 480, (x + y) * 255 // 1120], -1)

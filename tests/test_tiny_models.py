@@ -6,7 +6,7 @@ from transformers import (
     BlipForImageTextRetrieval,
 )
 
-from capfilt.tiny import tiny_vocabulary
+from capfilt.models.tiny import tiny_vocabulary
 
 
 def test_tiny_models_load_with_from_pretrained_and_ids_agree(tiny_models):

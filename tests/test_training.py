@@ -23,9 +23,9 @@ from transformers import (
     BlipVisionModel,
 )
 
-from capfilt.bleu import corpus_bleu
-from capfilt.sample_shards import COLOURS, IMG2DATASET_SCHEMA
-from capfilt.tiny import tiny_config, tiny_processor
+from capfilt.evaluation.bleu import corpus_bleu
+from capfilt.shards.samples import COLOURS, IMG2DATASET_SCHEMA
+from capfilt.models.tiny import tiny_config, tiny_processor
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.checkpoints import list_checkpoints, load_checkpoint
 from capfilt.train.loop import TrainConfig
@@ -97,7 +97,8 @@ def test_each_pretraining_loss_goes_down(pretrained):
 
 
 def test_exported_models_load_and_run_a_round(pretrained, squares, ray_local, tmp_path):
-    from capfilt.stage_config import SamplingConfig, StageConfig
+    from capfilt.captioning.settings import SamplingConfig
+    from capfilt.step.stage_config import StageConfig
     from pipelines.plan import RoundOptions
     from pipelines.round import run_round
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from capfilt.shard_reader import expand_inputs, read_shard
+from capfilt.shards.reader import expand_inputs, read_shard
 from capfilt.world import (
     NOISE_KINDS,
     NOISE_MIX,

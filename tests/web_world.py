@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.sample_shards import COLOURS, SHAPES, draw_shape, jpeg_bytes
+from capfilt.shards.samples import COLOURS, SHAPES, draw_shape, jpeg_bytes
 from tests.torch_free import torch_hidden_env
 
 
@@ -94,7 +94,7 @@ def download_site(site: Path, pairs: list[tuple[str, str]], work: Path, output_f
 def write_url_list(work: Path):
     """Serve 6 small drawn images, an 800x600 one, a broken and a missing file; yield a url
     list (parquet: url, caption) that is valid while the server runs."""
-    from capfilt.sample_shards import draw_shape
+    from capfilt.shards.samples import draw_shape
 
     pairs = make_site(work / "site", 6)
     draw_shape("circle", "red", size=600).resize((800, 600)).save(work / "site" / "big.jpg")

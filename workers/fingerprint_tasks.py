@@ -1,12 +1,12 @@
-"""Ray tasks that fingerprint input shards (``capfilt.image_hashes``), one task a shard."""
+"""Ray tasks that fingerprint input shards (``capfilt.images.fingerprints``), one task a shard."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import ray
 
-from capfilt.image_hashes import shard_hashes
-from capfilt.shard_reader import ReaderOptions, ShardReadError
+from capfilt.images.fingerprints import shard_hashes
+from capfilt.shards.reader import ReaderOptions, ShardReadError
 
 # Fingerprinting reads and hashes: light, and it must not take the CPU slots workers need.
 TASK_CPUS = 0.5

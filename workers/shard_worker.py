@@ -10,8 +10,8 @@ import socket
 
 import ray
 
-from capfilt.shard_reader import ReaderOptions
-from capfilt.stage_config import StageConfig
+from capfilt.shards.reader import ReaderOptions
+from capfilt.step.stage_config import StageConfig
 from capfilt.terminal import configure_logging
 
 
@@ -35,8 +35,8 @@ class ShardWorker:
     def _load(self, config: StageConfig, torch_threads: int | None) -> None:
         import torch
 
-        from capfilt.host_memory import keep_freed_memory
-        from capfilt.stage import CapFiltStage
+        from capfilt.step.host_memory import keep_freed_memory
+        from capfilt.step.stage import CapFiltStage
 
         # Before the models load: each batch then reuses the pages the last one freed.
         self.keeps_freed_memory = keep_freed_memory()
@@ -61,7 +61,7 @@ class ShardWorker:
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
                 reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = (),
                 repeats: dict | None = None) -> dict:
-        from capfilt.shard_runner import run_shard
+        from capfilt.step.shard_runner import run_shard
 
         node = ray.get_runtime_context().get_node_id()[:12]
         self.rows_done = (0, 0)

@@ -20,7 +20,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from capfilt.models import from_pretrained_checked
+from capfilt.models.loading import from_pretrained_checked
 
 # What the decoder layer keeps for itself: BLIP skips modules whose name holds '/attention'.
 OWN_LAYER_PARTS = ("attention",)

@@ -24,7 +24,7 @@ from capfilt.train.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from capfilt.image_transform import ImageTransform
+from capfilt.images.transform import ImageTransform
 from capfilt.train.loader import StreamSpec, TrainBatch, rank_loader
 from capfilt.train.stream import Position
 

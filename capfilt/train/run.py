@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from capfilt.image_transform import ImageTransform
+from capfilt.images.transform import ImageTransform
 from capfilt.train.build import BuiltTask, build_task
 from capfilt.train.loader import StreamSpec
 from capfilt.train.loop import TrainConfig, TrainResult, train

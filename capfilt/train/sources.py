@@ -26,10 +26,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.bounded_reads import open_regular, read_parquet, read_regular
-from capfilt.input_rows import SUCCESS, text_column
-from capfilt.shard_reader import InputError, ShardReadError, expand_inputs
-from capfilt.tar_rows import tar_samples, webdataset_rows
+from capfilt.shards.bounded_reads import open_regular, read_parquet, read_regular
+from capfilt.shards.input_rows import SUCCESS, text_column
+from capfilt.shards.reader import InputError, ShardReadError, expand_inputs
+from capfilt.shards.tar_rows import tar_samples, webdataset_rows
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from capfilt.scorer import enc_token_id
+from capfilt.scoring.blip_itm import enc_token_id
 from capfilt.train.blip_pair import BlipPair, export_models
 from capfilt.train.momentum import MomentumEncoders
 from capfilt.train.objectives import (

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from capfilt.scorer import MAX_TEXT_TOKENS
+from capfilt.scoring.blip_itm import MAX_TEXT_TOKENS
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.sample_shards import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA
+from capfilt.shards.samples import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA
 from capfilt.world.grammar import describe
 from capfilt.world.noise import NoiseMix, assign_kinds, noise_counts, web_caption
 from capfilt.world.render import JPEG_QUALITY, jpeg_bytes, render

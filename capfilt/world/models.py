@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capfilt.tiny import save_random_models, tiny_config, tiny_processor, tiny_vocabulary
+from capfilt.models.tiny import save_random_models, tiny_config, tiny_processor, tiny_vocabulary
 from capfilt.world.vocab import vocabulary
 
 

@@ -1,0 +1,1 @@
+"""Choosing the filter's threshold from an audited sample of a round's texts."""

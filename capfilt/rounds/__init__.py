@@ -1,0 +1,3 @@
+"""A round folder: its layout and atomic writes, its check, its diff with another round, and views
+for trainers.
+"""
