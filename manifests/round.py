@@ -39,8 +39,34 @@ class ModelRef:
     revision: str | None = None
 
 
-@dataclass
-class ShardResult:
+@dataclass(kw_only=True)
+class Counts:
+    """Rows and texts counted for one shard, or summed over a round's finished shards."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    kept_by_source: dict[str, int] = field(default_factory=dict)
+    texts_by_source: dict[str, int] = field(default_factory=dict)
+    images_without_kept: int = 0
+    # Synthetic captions a caption guard set aside unscored, by reason
+    # (capfilt/captioning/guards.py)
+    guarded_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "Counts") -> None:
+        """Add ``other``'s counts to these: numbers summed, counts by key merged."""
+        for f in dataclasses.fields(Counts):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+            else:
+                setattr(self, f.name, mine + theirs)
+
+
+@dataclass(kw_only=True)
+class ShardResult(Counts):
     """What one shard produced; a shard with ``status == "done"`` is run again only if its
     input no longer has ``input_bytes`` and ``input_sha256``.
 
@@ -55,16 +81,6 @@ class ShardResult:
     rejects: str | None = None
     webdataset: str | None = None  # the shard's webdataset tar, when one was asked for
     webdataset_samples: int | None = None  # images in it (those with a kept text)
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_rejected: int = 0
-    rejects_by_reason: dict[str, int] = field(default_factory=dict)
-    kept_by_source: dict[str, int] = field(default_factory=dict)
-    texts_by_source: dict[str, int] = field(default_factory=dict)
-    images_without_kept: int = 0
-    # Synthetic captions a caption guard set aside unscored, by reason
-    # (capfilt/captioning/guards.py)
-    guarded_by_reason: dict[str, int] = field(default_factory=dict)
     input_sha256: str | None = None
     input_bytes: int | None = None
     seconds: float = 0.0
@@ -79,18 +95,10 @@ class ShardResult:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-@dataclass
-class Totals:
-    """Sums over the shards that finished."""
+@dataclass(kw_only=True)
+class Totals(Counts):
+    """The counts summed over the shards that finished, and how many finished or failed."""
 
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_rejected: int = 0
-    rejects_by_reason: dict[str, int] = field(default_factory=dict)
-    kept_by_source: dict[str, int] = field(default_factory=dict)
-    texts_by_source: dict[str, int] = field(default_factory=dict)
-    images_without_kept: int = 0
-    guarded_by_reason: dict[str, int] = field(default_factory=dict)
     shards_done: int = 0
     shards_failed: int = 0
 
@@ -102,18 +110,7 @@ class Totals:
                 totals.shards_failed += 1
                 continue
             totals.shards_done += 1
-            totals.rows_in += shard.rows_in
-            totals.rows_out += shard.rows_out
-            totals.rows_rejected += shard.rows_rejected
-            totals.images_without_kept += shard.images_without_kept
-            for mine, theirs in (
-                (totals.rejects_by_reason, shard.rejects_by_reason),
-                (totals.kept_by_source, shard.kept_by_source),
-                (totals.texts_by_source, shard.texts_by_source),
-                (totals.guarded_by_reason, shard.guarded_by_reason),
-            ):
-                for key, count in theirs.items():
-                    mine[key] = mine.get(key, 0) + count
+            totals.add(shard)
         return totals
 
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from capfilt.step.stage_config import StageConfig
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.bootstrap_config import BootstrapConfig, StepTraining
-from pipelines.evaluate import EvalJob, run_eval
+from pipelines.eval_settings import EvalJob
+from pipelines.evaluate import run_eval
 from pipelines.jobs import job_versions, now
 from pipelines.plan import RoundOptions
 from pipelines.round_settings import round_options
@@ -66,12 +67,10 @@ def train_model(cfg: BootstrapConfig, folder: Path, data: list[str],
     if cfg.test:
         models["eval"] = str(folder / "eval.json")
         if not (folder / "eval.json").exists():
-            e = cfg.eval
             run_eval(EvalJob(data=cfg.test, filter=evaluated["filter"],
-                             captioner=evaluated["captioner"], output=models["eval"], k=e.k,
-                             num_beams=e.num_beams, max_new_tokens=e.max_new_tokens,
-                             limit=e.limit, judge=e.judge, device=cfg.finetune_filter.device,
-                             prompt="" if zero_shot else EvalJob.prompt))
+                             captioner=evaluated["captioner"], output=models["eval"],
+                             device=cfg.finetune_filter.device,
+                             prompt="" if zero_shot else EvalJob.prompt, **cfg.eval.settings()))
     return models
 
 
@@ -102,8 +101,7 @@ def round_options_for(cfg: BootstrapConfig, models: dict[str, str], number: int,
                               captioner=models["captioner"], filter=models["filter"],
                               round=number, parent=parent, seed=cfg.seed, address=None,
                               url_list=None, download_to=None)
-    options = round_options(args)
-    return replace(options, stage=replace(options.stage, device=cfg.finetune_filter.device))
+    return round_options(args)
 
 
 def round_stage(cfg: BootstrapConfig, models: dict[str, str]) -> StageConfig:

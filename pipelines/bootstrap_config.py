@@ -30,6 +30,7 @@ from capfilt.scoring.selection import check_whole
 from capfilt.train.build import check_queue_size
 from capfilt.train.loop import TrainConfig
 from pipelines.config import ConfigError
+from pipelines.eval_settings import EvalSettings
 from pipelines.round_settings import round_table
 from pipelines.train import uneven_shares
 
@@ -46,30 +47,20 @@ class StepTraining:
     device: str = "cpu"
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    k: int = 16
-    num_beams: int = 3
-    max_new_tokens: int = 20
-    limit: int | None = None
-    judge: str | None = None
-    # "finetuned": each row's captioner and filter fine-tuned on the clean set, then evaluated
-    # (BLIP Table 1's FT columns); "pretrained": the pre-trained models themselves (its ZS
-    # columns), captions written with no prompt as pre-training's LM saw them. Models only a
-    # table row needs are then not fine-tuned at all.
+@dataclass(frozen=True, kw_only=True)
+class EvalTable(EvalSettings):
+    """The bootstrap's [eval]: ``capfilt eval``'s settings, and which models a table row
+    evaluates. "finetuned": each row's captioner and filter fine-tuned on the clean set (BLIP
+    Table 1's FT columns); "pretrained": the pre-trained models themselves (its ZS columns),
+    captions written with no prompt as pre-training's LM saw them. Models only a table row
+    needs are then not fine-tuned at all."""
+
     models: str = "finetuned"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.models not in ("finetuned", "pretrained"):
-            raise BootstrapConfigError(
-                f"[eval] models = {self.models!r}: use 'finetuned' or 'pretrained'")
-        try:
-            for name in ("k", "num_beams", "max_new_tokens"):
-                check_whole(name, getattr(self, name), 1)
-            if self.limit is not None:
-                check_whole("limit", self.limit, 1)
-        except ValueError as exc:
-            raise BootstrapConfigError(f"[eval] {exc}") from exc
+            raise ValueError(f"models = {self.models!r}: use 'finetuned' or 'pretrained'")
 
 
 @dataclass(frozen=True)
@@ -88,7 +79,7 @@ class BootstrapConfig:
     vision_init: str | None = None
     # Every round's settings, as capfilt run's flags name them (pipelines/round_settings.py).
     round: dict = field(default_factory=lambda: round_table({}, "[round]"))
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalTable = field(default_factory=EvalTable)
     parallel: int = 1
 
     def __post_init__(self):
@@ -187,7 +178,10 @@ def _plain(cls, table: dict, name: str, path: Path):
     if unknown:
         raise BootstrapConfigError(f"[{name}]: unknown keys {unknown}; known: {sorted(known)}")
     _check_types(cls, table, f"{path}: [{name}] ")
-    return cls(**table)
+    try:
+        return cls(**table)
+    except ValueError as exc:
+        raise BootstrapConfigError(f"{path}: [{name}] {exc}") from exc
 
 
 def _paths(value, key: str, base: Path, path: Path) -> tuple[str, ...]:
@@ -257,5 +251,5 @@ def _build(data: dict, path: Path, base: Path, init: str, tables: dict) -> Boots
         finetune_captioner=_step(tables["finetune_captioner"], "finetune_captioner", seed, path),
         finetune_filter=_step(tables["finetune_filter"], "finetune_filter", seed, path),
         round=_round(tables["round"], path),
-        eval=_plain(EvalSettings, tables["eval"], "eval", path),
+        eval=_plain(EvalTable, tables["eval"], "eval", path),
     )

@@ -5,31 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from capfilt.evaluation.evaluate import caption_quality, load_eval_set, retrieval_recall
-from capfilt.models.source import weights_sha256
-from capfilt.models.loading import load_model
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.evaluation.evaluate import caption_quality, load_eval_set, retrieval_recall
+from capfilt.models.loading import load_model
+from capfilt.models.source import weights_sha256
 from manifests import JobManifest, validate_manifest, write_json_atomic
+from pipelines.eval_settings import EvalJob
 from pipelines.jobs import job_versions, now, parent_manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    data: tuple[str, ...]
-    filter: str | None = None
-    captioner: str | None = None
-    output: str | None = None
-    k: int = 16
-    num_beams: int = 3
-    max_new_tokens: int = 20
-    limit: int | None = None
-    judge: str | None = None
-    device: str = "cpu"
-    prompt: str = "a picture of "  # "" for a pre-trained model: its LM saw no prompt
 
 
 def make_judge(spec: str | None) -> Callable[[str, str], bool] | None:

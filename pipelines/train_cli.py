@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from pipelines.eval_settings import EvalJob, EvalSettings
+
 TRAIN_EXAMPLES = """examples:
   capfilt pretrain --init scratch:models/blank --data web/ rounds/r1@kept clean/ --output m1/pre
   capfilt finetune --as captioner --init m1/pre --data clean/ --output m1/captioner
@@ -99,11 +101,12 @@ def add_training_commands(commands) -> None:
     evaluate.add_argument("--captioner", default=None)
     evaluate.add_argument("--data", nargs="+", required=True, help="test shards")
     evaluate.add_argument("--output", default=None, help="write the eval manifest here (JSON)")
-    evaluate.add_argument("--k", type=int, default=16, help="texts re-ranked by ITM per image")
-    evaluate.add_argument("--num-beams", type=int, default=3)
-    evaluate.add_argument("--max-new-tokens", type=int, default=20)
+    evaluate.add_argument("--k", type=int, default=EvalSettings.k,
+                          help="texts re-ranked by ITM per image")
+    evaluate.add_argument("--num-beams", type=int, default=EvalSettings.num_beams)
+    evaluate.add_argument("--max-new-tokens", type=int, default=EvalSettings.max_new_tokens)
     evaluate.add_argument("--limit", type=int, default=None, help="first N test images only")
-    evaluate.add_argument("--prompt", default="a picture of ",
+    evaluate.add_argument("--prompt", default=EvalJob.prompt,
                           help="caption prompt (default BLIP's); '' for a pre-trained model")
     evaluate.add_argument("--judge", default=None,
                           help="world:TRUTH_DIR: caption accuracy against the demo world's truth")
@@ -150,7 +153,7 @@ def command_train(args) -> int:
 
 
 def command_eval(args) -> int:
-    from pipelines.evaluate import EvalJob, run_eval
+    from pipelines.evaluate import run_eval
 
     if not (args.filter or args.captioner):
         raise ValueError("give --filter, --captioner or both")

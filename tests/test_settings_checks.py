@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from capfilt.captioning.guards import CaptionGuards
-from capfilt.shards.samples import write_sample_shards
-from capfilt.scoring.selection import Policy
 from capfilt.captioning.settings import SamplingConfig
-from pipelines.bootstrap_config import BootstrapConfigError, load_bootstrap_config
+from capfilt.scoring.selection import Policy
+from capfilt.shards.samples import write_sample_shards
 from pipelines.bootstrap import round_options_for
+from pipelines.bootstrap_config import BootstrapConfigError, load_bootstrap_config
 from pipelines.cli import main, parse_args, round_options
 
 SCHEMA = Path(__file__).parents[1] / "manifests" / "round.schema.json"
@@ -131,6 +131,14 @@ def test_the_training_commands_refuse_wrong_types_too(tmp_path, capsys):
     assert f"{config}: steps = 2.5 is not a valid int" in capsys.readouterr().err
 
 
+def test_capfilt_eval_checks_its_settings_as_the_bootstrap_does(tmp_path, capsys):
+    """One EvalSettings for both: the flag's value is refused before any model loads."""
+    assert main(["eval", "--filter", str(tmp_path / "none"), "--data", str(tmp_path),
+                 "--num-beams", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "capfilt: error: num_beams 0: use a whole number of at least 1")
+
+
 BOOTSTRAP = 'output = "o"\nclean = ["c"]\nweb = "w"\ninit = "scratch:m"\n'
 
 
@@ -161,6 +169,8 @@ def bootstrap_text(top: str = "", **tables: str) -> str:
     ("", {"round": "method = 'greedy'"}, "[round]: method = 'greedy'; choose one of nucleus, beam"),
     ("", {"round": "max_repeat_share = 2.0"}, "[round]: --max-repeat-share 2.0: use a number"),
     ("", {"eval": "k = true"}, "[eval] k = True: expected an integer"),
+    ("", {"eval": "k = 0"}, "[eval] k 0: use a whole number of at least 1"),
+    ("", {"eval": "models = 'zero-shot'"}, "[eval] models = 'zero-shot': use 'finetuned' or"),
     ("", {"pretrain": "lr = '1e-4'"}, "[pretrain] lr = '1e-4': expected a number"),
     ("", {"finetune_filter": "workers = 1.0"}, "[finetune_filter] workers = 1.0: expected an"),
 ])
