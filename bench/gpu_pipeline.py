@@ -38,15 +38,16 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capfilt.step.host_memory import keep_freed_memory  # noqa: E402
-from capfilt.shards.samples import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.captioning.settings import SamplingConfig  # noqa: E402
+from capfilt.models.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
 from capfilt.scoring.selection import Policy  # noqa: E402
 from capfilt.shards.reader import read_shard  # noqa: E402
+from capfilt.shards.samples import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.step.host_memory import keep_freed_memory  # noqa: E402
 from capfilt.step.shard_runner import run_shard  # noqa: E402
 from capfilt.step.stage import CapFiltStage, scored_texts  # noqa: E402
-from capfilt.captioning.settings import SamplingConfig  # noqa: E402
-from capfilt.step.stage_config import StageConfig, gpu_decoders  # noqa: E402
-from capfilt.models.tiny import WORDS, tiny_config, tiny_processor, tiny_vocabulary  # noqa: E402
+from capfilt.step.stage_config import Placement, StageConfig  # noqa: E402
+from workers.worker_pool import gpu_decoders  # noqa: E402
 
 NEW_TOKENS = 20  # min = max: every caption costs the same, whatever the weights
 RECIPES = {
@@ -229,10 +230,11 @@ def measure(size: str, recipe: str, batch: int, models: dict[str, str], shard: s
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    stage = CapFiltStage.from_config(StageConfig(
-        captioner=models["captioner"], filter=models["filter"], sampling=sampling, policy=policy,
-        device=args.device, dtype=args.dtype, decode_threads=args.decode_threads,
-        decode_processes=args.decode_processes, attention=args.attention))
+    stage = CapFiltStage.from_config(
+        StageConfig(captioner=models["captioner"], filter=models["filter"], sampling=sampling,
+                    policy=policy, dtype=args.dtype, attention=args.attention),
+        Placement(device=args.device, decode_threads=args.decode_threads,
+                  decode_processes=args.decode_processes))
     weights = torch.cuda.memory_allocated() if cuda else None
     table = read_shard(shard).table.slice(0, batch)
     stage.prepare(table)  # warms the decode threads and the pinned-memory cache

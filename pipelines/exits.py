@@ -87,11 +87,11 @@ def run_command(command, args: argparse.Namespace) -> int:
         print(terminal_safe(f"capfilt: error: {no_space_line(exc, args)}"), file=sys.stderr)
         return 1
     except RuntimeError as exc:
-        # Looked up, not imported: pipelines.dispatch loads Ray, which commands that only
-        # read files (validate, report, lineage) should not wait for; and only a loaded
-        # dispatch raises its WorkerStartError.
-        dispatch = sys.modules.get("pipelines.dispatch")
-        if dispatch is None or not isinstance(exc, dispatch.WorkerStartError):
+        # Looked up, not imported: the worker pool loads Ray, which commands that only read
+        # files (validate, report, lineage) should not wait for; and only a loaded pool raises
+        # its WorkerStartError.
+        pool = sys.modules.get("workers.worker_pool")
+        if pool is None or not isinstance(exc, pool.WorkerStartError):
             raise
         print(terminal_safe(f"capfilt: error: {exc}"), file=sys.stderr)
         return 3

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from capfilt.images.duplicate_index import MODES
 from capfilt.captioning.generation_length import check_generation_length
+from capfilt.images.duplicate_index import MODES
 from capfilt.models.source import check_model_source, gives_itm, weights_sha256
 from capfilt.rounds.folder import finished_shard, plan_path, sweep_temporaries
 from capfilt.shards.reader import ReaderOptions, expand_inputs
@@ -43,6 +43,9 @@ class RoundOptions:
     write: tuple[str, ...] = ()  # extra views per shard: "webdataset"
     # Images seen earlier in the round: "exact" rejects copies, "near" near-copies too
     dedup: str = "exact"
+    # CPU workers decode in this many processes (0: in threads); GPU workers always do, as
+    # many as their node's cores allow. Where the round runs, so not one of its parameters.
+    cpu_decode_processes: int = 0
 
     def parameters(self) -> dict:
         """The settings that decide the output; a rerun must use the same ones."""

@@ -76,7 +76,7 @@ def _run_planned(plan: RoundPlan, options: RoundOptions, created: str, started: 
             options.stage, plan.todo, options.output, options.batch_size, options.reader,
             options.workers, lambda r: progress.shard_finished(r.rows_in, r.status != "done"),
             options.write, progress.worker, progress.rows,
-            find_repeats if options.dedup != "off" else None,
+            find_repeats if options.dedup != "off" else None, options.cpu_decode_processes,
         ):
             results[result.index] = result
     else:

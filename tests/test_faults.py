@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.models.source import weights_sha256
 from capfilt.shards.samples import write_sample_shards
-from capfilt.captioning.settings import SamplingConfig
 from capfilt.step.stage_config import StageConfig
-from pipelines.dispatch import WorkerStartError
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
 from tests.torch_free import torch_free_capfilt
+from workers.worker_pool import WorkerStartError
 
 SHARDS, ROWS = 6, 96
 

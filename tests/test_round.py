@@ -7,15 +7,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.rounds.check import check_round
 from capfilt.shards.reader import read_shard
-from capfilt.captioning.settings import SamplingConfig
 from capfilt.step.stage_config import StageConfig
 from manifests import validate_manifest
 from pipelines.plan import PlanError, RoundOptions
@@ -143,7 +142,7 @@ def second_round(first_round, tiny_models, img2dataset_parquet, tmp_path_factory
     out = tmp_path_factory.mktemp("rounds") / "round-0002"
     settings = options(tiny_models, [img2dataset_parquet], out, batch_size=3, workers=1,
                        round=2, parent=str(first_round[0]))
-    settings.stage = replace(settings.stage, decode_processes=2)
+    settings.cpu_decode_processes = 2
     return out, run_round(settings)
 
 

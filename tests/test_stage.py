@@ -6,12 +6,11 @@ import pyarrow as pa
 import torch
 
 from capfilt.images.decode import decode_image
-from capfilt.shards.input_rows import INPUT_SCHEMA
-from capfilt.shards.samples import draw_shape, jpeg_bytes
 from capfilt.scoring.selection import Policy
+from capfilt.shards.input_rows import INPUT_SCHEMA
 from capfilt.shards.reader import read_shard
+from capfilt.shards.samples import draw_shape, jpeg_bytes
 from capfilt.step.stage import CapFiltStage
-from capfilt.step.stage_config import gpu_decoders
 from tests.conftest import NO_GUARDS, make_stage
 
 
@@ -116,9 +115,3 @@ def test_a_filter_with_its_own_transform_gets_its_own_pixels_also_after_a_split(
     for column in scores:
         got, want = split.column(column).to_pylist(), whole.column(column).to_pylist()
         assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
-
-
-def test_gpu_workers_decode_in_at_most_six_processes():
-    assert gpu_decoders(16, 1) == 6
-    assert gpu_decoders(16, 4) == 4
-    assert gpu_decoders(2, 4) == 2

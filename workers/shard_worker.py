@@ -11,7 +11,7 @@ import socket
 import ray
 
 from capfilt.shards.reader import ReaderOptions
-from capfilt.step.stage_config import StageConfig
+from capfilt.step.stage_config import Placement, StageConfig
 from capfilt.terminal import configure_logging
 
 
@@ -21,18 +21,20 @@ class ShardWorker:
     Started with two threads (``max_concurrency=2``), so ``rows`` answers while ``process``
     runs: the driver asks how far a long shard has come."""
 
-    def __init__(self, config: StageConfig, torch_threads: int | None = None):
+    def __init__(self, config: StageConfig, placement: Placement = Placement(),
+                 torch_threads: int | None = None):
         self.rows_done = (0, 0)  # (input rows written or rejected, rows in the shard)
         self.cannot_start: Exception | None = None
         try:
-            self._load(config, torch_threads)
+            self._load(config, placement, torch_threads)
         except Exception as exc:  # noqa: BLE001  (any reason the models do not load)
             # Kept for ``describe`` to raise: the driver hears the reason as a task error and
             # kills this actor, where an actor dying in its constructor prints Ray's dump of it
             # on the user's terminal after capfilt's one line.
             self.cannot_start = exc
 
-    def _load(self, config: StageConfig, torch_threads: int | None) -> None:
+    def _load(self, config: StageConfig, placement: Placement,
+              torch_threads: int | None) -> None:
         import torch
 
         from capfilt.step.host_memory import keep_freed_memory
@@ -43,7 +45,7 @@ class ShardWorker:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         configure_logging("WARNING")  # worker logs reach the driver's terminal
-        self.stage = CapFiltStage.from_config(config)
+        self.stage = CapFiltStage.from_config(config, placement)
 
     def describe(self) -> dict:
         """Where this worker runs: ready once this returns (models are loaded by then); raises
@@ -74,12 +76,13 @@ class ShardWorker:
         self.rows_done = (done, total)
 
 
-def start_workers(config: StageConfig, count: int, *, gpus: float, cpus: float,
-                  torch_threads: int | None) -> list:
-    """Start ``count`` actors; each asks for ``gpus`` GPUs (one per actor on GPU machines)."""
+def start_workers(config: StageConfig, count: int, *, placement: Placement = Placement(),
+                  gpus: float, cpus: float, torch_threads: int | None) -> list:
+    """Start ``count`` actors running ``config`` as ``placement`` says; each asks Ray for
+    ``gpus`` GPUs (one per actor on GPU machines) and ``cpus`` CPUs."""
     # SPREAD: on a cluster, workers go to different nodes before doubling up on one.
     actor = ray.remote(ShardWorker).options(
         num_gpus=gpus, num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD",
         max_concurrency=2,  # ``rows`` beside ``process``; the driver runs one shard at a time
     )
-    return [actor.remote(config, torch_threads) for _ in range(count)]
+    return [actor.remote(config, placement, torch_threads) for _ in range(count)]

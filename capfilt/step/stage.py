@@ -1,9 +1,9 @@
 """The CapFilt step: input rows -> (scored rows, reject rows), both Arrow tables.
 
 Decode each image once (capfilt/images/batch_decoding.py), caption it, set aside the synthetic
-captions a caption guard refuses (capfilt/captioning/guards.py), score the web caption and every other
-synthetic caption, and record what the policy keeps. The same object runs in a test, in a plain
-loop and inside a Ray actor.
+captions a caption guard refuses (capfilt/captioning/guards.py), score the web caption and every
+other synthetic caption, and record what the policy keeps. The same object runs in a test, in a
+plain loop and inside a Ray actor.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from capfilt.captioning.guards import CaptionGuards, guard
 from capfilt.captioning.blip_decoder import Captioner
 from capfilt.captioning.for_checkpoint import make_captioner
+from capfilt.captioning.guards import CaptionGuards, guard
 from capfilt.images.batch_decoding import ProcessDecoder, ThreadDecoder
-from capfilt.images.transform import ImageTransform
 from capfilt.images.decode import ImageRejected
+from capfilt.images.transform import ImageTransform
 from capfilt.models.loading import load_model
 from capfilt.scoring.blip_itm import Scorer
 from capfilt.scoring.for_checkpoint import make_scorer
 from capfilt.scoring.selection import Policy, candidates, select
-from capfilt.step.stage_config import StageConfig
+from capfilt.step.stage_config import Placement, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,16 @@ class CapFiltStage:
         self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
     @classmethod
-    def from_config(cls, config: StageConfig) -> CapFiltStage:
+    def from_config(cls, config: StageConfig,
+                    placement: Placement = Placement()) -> CapFiltStage:
         """The stage a worker runs: both models loaded (``from_pretrained``, refused when their
-        weights do not fill them) on ``config.device`` in ``config.dtype``, with the sampling,
-        policy, caption guards, seed, ITM token and image decoding ``config`` names."""
-        captioner_model = load_model(config.captioner, "captioner", config.device, config.dtype,
+        weights do not fill them) on ``placement.device`` in ``config.dtype``, with the
+        sampling, policy, caption guards, seed and ITM token ``config`` names, decoding images
+        as ``placement`` says."""
+        device = placement.device
+        captioner_model = load_model(config.captioner, "captioner", device, config.dtype,
                                      config.attention)
-        filter_model = load_model(config.filter, "filter", config.device, config.dtype,
+        filter_model = load_model(config.filter, "filter", device, config.dtype,
                                   config.attention)
         return cls(
             make_captioner(captioner_model, config.sampling, config.seed),
@@ -117,8 +120,8 @@ class CapFiltStage:
             config.policy,
             ImageTransform.from_processor(captioner_model.processor.image_processor),
             ImageTransform.from_processor(filter_model.processor.image_processor),
-            config.decode_threads,
-            config.decode_processes,
+            placement.decode_threads,
+            placement.decode_processes,
             config.guards,
         )
 

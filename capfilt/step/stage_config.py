@@ -15,18 +15,16 @@ from capfilt.scoring.selection import Policy, check_choice, check_whole
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Everything a worker needs to build the step; plain data, so it pickles to Ray actors."""
+    """What the step computes: the models, how captions are written and which texts are kept.
+    Plain data, so it pickles to Ray actors; where it runs is a ``Placement``."""
 
     captioner: str
     filter: str
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy: Policy = field(default_factory=Policy)
     seed: int = 0
-    device: str = "cpu"
     dtype: str = "float32"
     itm_token: str = "enc"
-    decode_threads: int = 2
-    decode_processes: int = 0  # > 0: decode in processes, not threads (GPU workers)
     attention: str = "sdpa"  # "eager": Hugging Face's own BLIP attention modules
     guards: CaptionGuards = field(default_factory=CaptionGuards)
 
@@ -37,20 +35,24 @@ class StageConfig:
         check_choice("--dtype", self.dtype, ("float32", "bfloat16", "float16"))
         check_choice("--itm-token", self.itm_token, ("enc", "cls"))
         check_choice("attention", self.attention, ("sdpa", "eager"))
-        check_whole("decode_threads", self.decode_threads, 1)
-        check_whole("decode_processes", self.decode_processes, 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-# Measured on a 16-core H100 node, BLIP-base at batch 1,024 (bench/README.md, one run each):
-# in threads, 16 decoded 738 images/s inside a shard and slowed the model loop to 2.24 s a
-# batch (1.46 s alone), 6 threads 1,234 images/s and 1.73 s; in processes, the shard ran at
-# 597 images/s with 6 and 559 with 12 (492 with 6 threads, same code and lease).
-MAX_GPU_DECODERS = 6
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker runs the step and how it decodes images: chosen by the worker pool
+    (``workers/worker_pool.py``) from the node the worker lands on, not by the round.
 
+    ``decode_processes`` > 0 decodes in that many processes (GPU workers: decode threads take
+    the GIL from the model loop), else in ``decode_threads`` threads."""
 
-def gpu_decoders(cpus: float, gpus: int) -> int:
-    """Decoding processes for a worker that has one of ``gpus`` GPUs on a node of ``cpus`` cores."""
-    return max(2, min(MAX_GPU_DECODERS, int(cpus // max(1, gpus))))
+    device: str = "cpu"
+    decode_threads: int = 2
+    decode_processes: int = 0
+
+    def __post_init__(self):
+        check_whole("decode_threads", self.decode_threads, 1)
+        check_whole("decode_processes", self.decode_processes, 0)
+
