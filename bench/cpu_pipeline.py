@@ -52,18 +52,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from capfilt.captioning.blip_decoder import Captioner  # noqa: E402
-from capfilt.step.host_memory import keep_freed_memory  # noqa: E402
-from capfilt.images.transform import ImageTransform  # noqa: E402
+from capfilt.captioning.settings import SamplingConfig  # noqa: E402
 from capfilt.images.decode import decode_image  # noqa: E402
+from capfilt.images.transform import ImageTransform  # noqa: E402
 from capfilt.models.loading import load_model  # noqa: E402
-from capfilt.shards.samples import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.models.tiny import tiny_vocabulary  # noqa: E402
 from capfilt.scoring.blip_itm import Scorer  # noqa: E402
 from capfilt.shards.reader import read_shard  # noqa: E402
+from capfilt.shards.samples import IMG2DATASET_SCHEMA  # noqa: E402
+from capfilt.step.host_memory import keep_freed_memory  # noqa: E402
 from capfilt.step.shard_runner import run_shard  # noqa: E402
 from capfilt.step.stage import CapFiltStage  # noqa: E402
-from capfilt.captioning.settings import SamplingConfig  # noqa: E402
 from capfilt.step.stage_config import StageConfig  # noqa: E402
-from capfilt.models.tiny import tiny_vocabulary  # noqa: E402
 
 BATCH = 16
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_pipeline import full_config, full_processor, photo  # noqa: E402
 
-from capfilt.shards.samples import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.models.tiny import WORDS, tiny_config, tiny_processor  # noqa: E402
+from capfilt.shards.samples import IMG2DATASET_ROW_GROUP, IMG2DATASET_SCHEMA  # noqa: E402
 from capfilt.train.build import build_task  # noqa: E402
 from capfilt.train.loader import rank_loader  # noqa: E402
 from capfilt.train.loop import TrainConfig, autocast_dtype, train_step  # noqa: E402

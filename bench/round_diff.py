@@ -22,8 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from capfilt.rounds.diff import diff_rounds
 from capfilt.models.tiny import write_tiny_models
+from capfilt.rounds.diff import diff_rounds
 from capfilt.world.build import WorldSpec, build_world
 from pipelines.cli import main as capfilt
 from pipelines.diff_cli import summary_lines

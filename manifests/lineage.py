@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from manifests.round import RoundManifest
 from manifests.job import JOB_KINDS
+from manifests.round import RoundManifest
 from manifests.store import MANIFEST_NAME, ManifestError, read_json, read_manifest
 
 

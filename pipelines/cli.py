@@ -10,8 +10,8 @@ import signal
 import sys
 
 from pipelines.config import CommandParser
-from pipelines.round_settings import add_round_arguments, round_options
 from pipelines.exits import RECEIVED, catch_signals, run_command, stopped
+from pipelines.round_settings import add_round_arguments, round_options
 
 EXAMPLES = """examples:
   capfilt demo --output runs/demo

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capfilt.calibration.thresholds import shortest_cut
 from capfilt.calibration.record import calibrate_round, write_record
+from capfilt.calibration.thresholds import shortest_cut
 from capfilt.world.build import load_web_noise
 
 LABELS = 300  # web captions an auditor labels (at most half the round's, in --quick)

@@ -98,9 +98,9 @@ def round_options(args: argparse.Namespace):
     """The round ``args`` ask for; every setting is checked here, before any work (a setting
     the manifest's schema refuses would otherwise fail the round at its commit)."""
     from capfilt.captioning.guards import CaptionGuards
+    from capfilt.captioning.settings import SamplingConfig
     from capfilt.scoring.selection import Policy, check_whole
     from capfilt.shards.reader import ReaderOptions
-    from capfilt.captioning.settings import SamplingConfig
     from capfilt.step.stage_config import StageConfig
     from pipelines.plan import RoundOptions
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from capfilt.train.build import build_task, output_refs
 from capfilt.train.checkpoints import latest_checkpoint, load_checkpoint
 from capfilt.train.loop import TrainConfig
+from capfilt.train.progress import TrainProgress, job_label
 from capfilt.train.run import RankJob, run_rank
 from capfilt.train.sources import Source, list_pieces, source_rows
-from capfilt.train.progress import TrainProgress, job_label
 from manifests import JobManifest, validate_manifest, write_json_atomic
 from manifests.store import read_json
 from pipelines.jobs import job_versions, now, parent_manifest

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from capfilt.rounds.pairs import pairs_table
 from capfilt.rounds.folder import write_parquet_atomic
+from capfilt.rounds.pairs import pairs_table
 
 
 def command_pairs(args: argparse.Namespace) -> int:

@@ -10,15 +10,15 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 import pytest
 
-from capfilt.captioning.guards import CaptionGuards
 from capfilt.captioning.blip_decoder import Captioner
+from capfilt.captioning.guards import CaptionGuards
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.images.transform import ImageTransform
 from capfilt.models.loading import load_model
+from capfilt.models.tiny import write_tiny_models
 from capfilt.scoring.blip_itm import Scorer
 from capfilt.scoring.selection import Policy
 from capfilt.step.stage import CapFiltStage
-from capfilt.captioning.settings import SamplingConfig
-from capfilt.models.tiny import write_tiny_models
 from tests.web_world import img2dataset_download
 
 # 4 shards of 5 rows from 12 images, a broken file and a missing one.

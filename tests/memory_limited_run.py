@@ -10,10 +10,10 @@ import sys
 
 import pyarrow as pa
 
-from capfilt.shards.input_rows import INPUT_SCHEMA
 from capfilt.models.loading import load_model
-from capfilt.shards.samples import sample_rows
 from capfilt.models.tiny import write_tiny_models
+from capfilt.shards.input_rows import INPUT_SCHEMA
+from capfilt.shards.samples import sample_rows
 from tests.conftest import make_stage
 
 

@@ -3,11 +3,11 @@ Face's eager modules on the same weights."""
 
 import torch
 
-from capfilt.models.attention import image_kv_once, use_sdpa
 from capfilt.captioning.blip_decoder import Captioner
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.attention import image_kv_once, use_sdpa
 from capfilt.models.loading import load_model
 from capfilt.scoring.blip_itm import Scorer
-from capfilt.captioning.settings import SamplingConfig
 
 TEXTS = [["a red square", "two birds on a wire", "a picture of nothing at all"],
          ["a dog"], [], ["a blue circle on the left", "a"]]

@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
-from capfilt.models.source import ModelSourceError, check_model_source
 from capfilt.models.loading import load_model, model_class
+from capfilt.models.source import ModelSourceError, check_model_source
+from capfilt.models.tiny import tiny_processor
 from capfilt.scoring.blip2_itm import Blip2Scorer
 from capfilt.scoring.for_checkpoint import make_scorer
 from capfilt.shards.reader import read_shard
 from capfilt.step.stage import CapFiltStage
 from capfilt.step.stage_config import StageConfig
-from capfilt.models.tiny import tiny_processor
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.shards.bounded_reads import MAX_COMPRESSION_RATIO
 from capfilt.images.decode import ImageRejected, decode_cost, decode_image
-from capfilt.shards.samples import draw_shape, jpeg_bytes, write_sample_shards
+from capfilt.shards.bounded_reads import MAX_COMPRESSION_RATIO
 from capfilt.shards.reader import ShardReadError, read_shard
+from capfilt.shards.samples import draw_shape, jpeg_bytes, write_sample_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_MEMORY = 3 << 30  # address space: pyarrow and numpy start in well under this

@@ -13,16 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.calibration.thresholds import MIN_KEPT, CalibrationError, build_curve
-from capfilt.calibration.record import calibrate_round
-from capfilt.report.round_report import build_report
 from capfilt.calibration.labels import GUARDED, join_labels, read_labels
+from capfilt.calibration.record import calibrate_round
+from capfilt.calibration.thresholds import MIN_KEPT, CalibrationError, build_curve
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.report.round_report import build_report
 from capfilt.step.stage_config import StageConfig
-from tests.conftest import NO_GUARDS
 from pipelines.cli import main
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
+from tests.conftest import NO_GUARDS
 
 
 @pytest.fixture(scope="module")

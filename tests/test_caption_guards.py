@@ -8,16 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from capfilt.captioning.guards import Caption, CaptionGuards, guard, repeat_share, word_share
 from capfilt.captioning.blip_decoder import Captioner
-from capfilt.rounds.kept_texts import kept_texts
-from capfilt.rounds.pairs import pairs_table
+from capfilt.captioning.guards import Caption, CaptionGuards, guard, repeat_share, word_share
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.report.round_report import build_report
 from capfilt.rounds.check import check_round
+from capfilt.rounds.kept_texts import kept_texts
+from capfilt.rounds.pairs import pairs_table
 from capfilt.scoring.blip_itm import Scorer
 from capfilt.shards.reader import read_shard
 from capfilt.step.shard_runner import run_shard
-from capfilt.captioning.settings import SamplingConfig
 from capfilt.step.stage_config import StageConfig
 from capfilt.train.sources import round_captions
 from manifests import read_manifest

@@ -5,16 +5,16 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from capfilt.images.transform import ImageTransform
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.images.decode import decode_image
+from capfilt.images.transform import ImageTransform
 from capfilt.models.loading import load_model
+from capfilt.models.tiny import tiny_processor
 from capfilt.scoring.clip import ClipScorer
 from capfilt.scoring.selection import Policy
 from capfilt.shards.reader import read_shard
 from capfilt.step.stage import CapFiltStage
-from capfilt.captioning.settings import SamplingConfig
 from capfilt.step.stage_config import StageConfig
-from capfilt.models.tiny import tiny_processor
 from pipelines.plan import PlanError, RoundOptions, plan_round
 from tests.conftest import NO_GUARDS
 

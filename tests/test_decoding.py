@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from capfilt.images.batch_decoding import ProcessDecoder, ThreadDecoder
-from capfilt.images.transform import ImageTransform
 from capfilt.images.decode import ImageRejected
+from capfilt.images.transform import ImageTransform
 from capfilt.shards.input_rows import INPUT_SCHEMA
 from capfilt.shards.samples import draw_shape, jpeg_bytes
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from capfilt.captioning.blip_decoder import Captioner
-from capfilt.scoring.blip_itm import Scorer
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.scoring.blip_itm import Scorer
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.images.duplicate_index import find_duplicates
 from capfilt.images.fingerprints import HASHES_SCHEMA, looks, shard_hashes
 from capfilt.rounds.check import check_round
 from capfilt.shards.samples import COLOURS, SHAPES, draw_shape, jpeg_bytes
-from capfilt.captioning.settings import SamplingConfig
 from capfilt.step.stage_config import StageConfig
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from capfilt.rounds.webdataset_view import member_stem, webdataset_tar
 from capfilt.shards.samples import draw_shape, jpeg_bytes
 from capfilt.step.shard_runner import run_shard
 from capfilt.step.stage import OUTPUT_SCHEMA
 from capfilt.train.sources import Piece, read_piece
-from capfilt.rounds.webdataset_view import member_stem, webdataset_tar
 from tests.conftest import make_stage
 
 GOOD = jpeg_bytes(draw_shape("circle", "red"))

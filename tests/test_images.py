@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import BlipImageProcessor
 
-from capfilt.images.transform import ImageTransform
 from capfilt.images.decode import ImageRejected, decode_image
+from capfilt.images.transform import ImageTransform
 from capfilt.shards.samples import draw_shape, jpeg_bytes
 
 

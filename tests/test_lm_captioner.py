@@ -14,15 +14,15 @@ from transformers import (
     InstructBlipProcessor,
 )
 
-from capfilt.captioning.language_model import LanguageModelCaptioner
 from capfilt.captioning.for_checkpoint import make_captioner
-from capfilt.models.loading import load_model
+from capfilt.captioning.language_model import LanguageModelCaptioner
 from capfilt.captioning.seeding import caption_seed
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.loading import load_model
+from capfilt.models.tiny import tiny_processor
 from capfilt.shards.reader import read_shard
 from capfilt.step.stage import CapFiltStage
-from capfilt.captioning.settings import SamplingConfig
 from capfilt.step.stage_config import StageConfig
-from capfilt.models.tiny import tiny_processor
 
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "initializer_range": 0.02}

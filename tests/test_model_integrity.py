@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from capfilt.captioning.blip_decoder import Captioner
-from capfilt.models.convert_blip import convert_checkpoint
 from capfilt.captioning.generation_length import check_generation_length
-from capfilt.models.source import ModelSourceError, check_model_source
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.convert_blip import convert_checkpoint
 from capfilt.models.loading import load_model
-from capfilt.shards.samples import write_sample_shards
+from capfilt.models.source import ModelSourceError, check_model_source
 from capfilt.scoring.blip_itm import MAX_TEXT_TOKENS, Scorer
 from capfilt.scoring.for_checkpoint import make_scorer
-from capfilt.captioning.settings import SamplingConfig
+from capfilt.shards.samples import write_sample_shards
 from capfilt.train.build import build_task
 from pipelines.cli import main
 from tests.test_blip2_scorer import blip2_filter  # noqa: F401  (a fixture)

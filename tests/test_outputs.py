@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from capfilt.rounds.pairs import pairs_table
 from capfilt.rounds.check import check_round
 from capfilt.rounds.folder import finished_shard, shard_path, tar_path
+from capfilt.rounds.pairs import pairs_table
+from capfilt.rounds.webdataset_view import member_stem, webdataset_tar
 from capfilt.shards.reader import expand_inputs
 from capfilt.step.shard_runner import run_shard
 from capfilt.step.stage import OUTPUT_SCHEMA
-from capfilt.rounds.webdataset_view import member_stem, webdataset_tar
 from manifests import read_manifest
 from pipelines.cli import main
 from tests.conftest import make_stage

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.shards.samples import draw_shape, jpeg_bytes
 from capfilt.shards.reader import (
     ReaderOptions,
     ShardReadError,
     expand_inputs,
     read_shard,
 )
+from capfilt.shards.samples import draw_shape, jpeg_bytes
 
 
 def test_img2dataset_parquet_rows_come_through_with_their_status(img2dataset_parquet):

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.shards.samples import IMG2DATASET_SCHEMA, sample_rows, write_sample_shards
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.shards.samples import IMG2DATASET_SCHEMA, sample_rows, write_sample_shards
 from capfilt.step.stage_config import StageConfig
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round

@@ -16,19 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.captioning.settings import SamplingConfig
 from capfilt.evaluation.bleu import corpus_bleu
 from capfilt.evaluation.caption_diversity import CaptionSample, distinct_n, self_bleu
 from capfilt.rounds.diff import RoundDiffError, comparable_shards, diff_rounds
-from capfilt.shards.samples import IMG2DATASET_SCHEMA, sample_rows
 from capfilt.scoring.selection import Policy
 from capfilt.shards.reader import ReaderOptions
-from capfilt.captioning.settings import SamplingConfig
+from capfilt.shards.samples import IMG2DATASET_SCHEMA, sample_rows
 from capfilt.step.stage_config import StageConfig
-from tests.conftest import NO_GUARDS
 from manifests import read_manifest
 from pipelines.cli import main
 from pipelines.plan import RoundOptions
 from pipelines.round import run_round
+from tests.conftest import NO_GUARDS
 
 # Entity-encoded, as alt text often is: the cleaned caption holds a terminal escape and a tag.
 HOSTILE = "\x1b[31m a red &lt;script&gt;alert(1)&lt;/script&gt; circle"

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.models.tiny import write_tiny_models
 from capfilt.rounds.pairs import pairs_table
 from capfilt.shards.reader import input_fingerprint, read_shard
-from capfilt.models.tiny import write_tiny_models
 from pipelines.cli import main
 from pipelines.plan import PlanError, plan_round
 from pipelines.round import run_round

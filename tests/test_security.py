@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from capfilt.models.source import ModelSourceError, check_model_source
 from capfilt.models.loading import load_model
+from capfilt.models.source import ModelSourceError, check_model_source
 from capfilt.terminal import terminal_safe
 
 

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from capfilt.images.transform import ImageTransform
-from capfilt.shards.samples import IMG2DATASET_SCHEMA
 from capfilt.models.tiny import tiny_processor
+from capfilt.shards.samples import IMG2DATASET_SCHEMA
 from capfilt.train.loader import StreamSpec, rank_loader, slot_batches
 from capfilt.train.sources import (
     Source,

@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from capfilt.evaluation.bleu import corpus_bleu
-from capfilt.shards.samples import COLOURS, IMG2DATASET_SCHEMA
 from capfilt.models.tiny import tiny_config, tiny_processor
+from capfilt.shards.samples import COLOURS, IMG2DATASET_SCHEMA
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.checkpoints import list_checkpoints, load_checkpoint
 from capfilt.train.loop import TrainConfig

@@ -16,6 +16,7 @@ import fsspec
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from capfilt.calibration.labels import SCORES, join_labels, read_labels
 from capfilt.calibration.thresholds import (
     MIN_LABELS,
     CalibrationError,
@@ -24,7 +25,6 @@ from capfilt.calibration.thresholds import (
     build_curve,
     recommend,
 )
-from capfilt.calibration.labels import SCORES, join_labels, read_labels
 from capfilt.rounds.folder import shard_path
 from capfilt.scoring.selection import SYNTHETIC, WEB
 from manifests import read_manifest

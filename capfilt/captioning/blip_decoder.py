@@ -11,10 +11,8 @@ from contextlib import nullcontext
 
 import torch
 
-from capfilt.models.attention import captions_share_image, uses_sdpa
-from capfilt.captioning.guards import Caption
 from capfilt.captioning.generation_length import fit_generation
-from capfilt.models.loading import LoadedModel
+from capfilt.captioning.guards import Caption
 from capfilt.captioning.sampling import (
     apply_repetition_penalty,
     row_uniforms,
@@ -24,6 +22,8 @@ from capfilt.captioning.sampling import (
 )
 from capfilt.captioning.seeding import generators
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.attention import captions_share_image, uses_sdpa
+from capfilt.models.loading import LoadedModel
 from capfilt.models.transfer import LaterFlag
 
 

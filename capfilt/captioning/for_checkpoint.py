@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from capfilt.captioning.blip_decoder import Captioner
 from capfilt.captioning.language_model import LanguageModelCaptioner
-from capfilt.models.loading import MODEL_CLASSES, LoadedModel
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.loading import MODEL_CLASSES, LoadedModel
 
 
 def make_captioner(loaded: LoadedModel, sampling: SamplingConfig, seed: int):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
-from capfilt.captioning.guards import Caption
 from capfilt.captioning.generation_length import fit_generation
-from capfilt.models.loading import LoadedModel
+from capfilt.captioning.guards import Caption
 from capfilt.captioning.seeding import caption_seed
 from capfilt.captioning.settings import SamplingConfig
+from capfilt.models.loading import LoadedModel
 
 
 class LanguageModelCaptioner:

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from capfilt.evaluation.bleu import corpus_bleu
 from capfilt.captioning.blip_decoder import Captioner
-from capfilt.images.transform import ImageTransform
+from capfilt.captioning.settings import SamplingConfig
+from capfilt.evaluation.bleu import corpus_bleu
 from capfilt.images.decode import decode_image
-from capfilt.shards.input_rows import SUCCESS
+from capfilt.images.transform import ImageTransform
 from capfilt.models.loading import LoadedModel
 from capfilt.scoring.blip_itm import MAX_TEXT_TOKENS, enc_token_id
+from capfilt.shards.input_rows import SUCCESS
 from capfilt.shards.reader import expand_inputs, read_shard
-from capfilt.captioning.settings import SamplingConfig
 
 RECALL_AT = (1, 5, 10)
 

@@ -22,8 +22,8 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import torch
 
-from capfilt.images.transform import ImageTransform
 from capfilt.images.decode import ImageRejected, decode_image
+from capfilt.images.transform import ImageTransform
 from capfilt.shards.input_rows import SUCCESS
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from capfilt.models.attention import use_sdpa
-from capfilt.models.source import ModelSourceError, check_model_source, model_class_name
 from capfilt.models.patch_embedding import patches_as_products
+from capfilt.models.source import ModelSourceError, check_model_source, model_class_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_CLASSES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}

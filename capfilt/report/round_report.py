@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass
 from html import escape
 
-from capfilt.report.calibration_section import calibration_section
 from capfilt.images.decode import ImageRejected, decode_image
+from capfilt.report.calibration_section import calibration_section
 from capfilt.report.diff_section import parent_diff_section
+from capfilt.report.svg_plots import bars, histogram
 from capfilt.rounds.folder import GUARD_COLUMN, read_columns, shard_path
 from capfilt.scoring.selection import Policy
-from capfilt.report.svg_plots import bars, histogram
 from manifests import ManifestError, RoundManifest, read_manifest
 from manifests.lineage import parent_folder
 from manifests.store import write_text_atomic

@@ -10,8 +10,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.rounds.kept_texts import kept_texts
 from capfilt.rounds.folder import shard_path
+from capfilt.rounds.kept_texts import kept_texts
 from manifests import read_manifest
 
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()),

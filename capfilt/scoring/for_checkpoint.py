@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import Blip2ForImageTextRetrieval, CLIPModel
 
 from capfilt.models.loading import LoadedModel
-from capfilt.scoring.blip_itm import Scorer
 from capfilt.scoring.blip2_itm import Blip2Scorer
+from capfilt.scoring.blip_itm import Scorer
 from capfilt.scoring.clip import ClipScorer
 
 

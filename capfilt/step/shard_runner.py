@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 
 from capfilt.images.duplicate_index import EXACT, Mark
 from capfilt.rounds.folder import commit_shard, rejects_path, shard_path, tar_path
+from capfilt.rounds.webdataset_view import webdataset_tar
 from capfilt.shards.reader import ReaderOptions, ShardReadError, read_shard
 from capfilt.step.stage import OUTPUT_SCHEMA, REJECT_SCHEMA, CapFiltStage, reject_row
-from capfilt.rounds.webdataset_view import webdataset_tar
 from manifests import ShardResult, ShardStatus
 
 log = logging.getLogger(__name__)

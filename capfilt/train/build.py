@@ -29,8 +29,8 @@ from transformers import (
     BlipProcessor,
 )
 
-from capfilt.models.source import weights_sha256
 from capfilt.models.loading import from_pretrained_checked
+from capfilt.models.source import weights_sha256
 from capfilt.train.blip_pair import BlipPair
 from capfilt.train.tasks import CaptionerTask, FilterTask, Objectives, PretrainTask
 from capfilt.train.timm_vision import blip_vision_config, load_timm_into

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from capfilt.images.transform import ImageTransform
 from capfilt.images.decode import ImageRejected, decode_image
+from capfilt.images.transform import ImageTransform
 from capfilt.train.sources import Piece, Row, TrainingDataError, read_piece, split_pieces
 from capfilt.train.stream import Place, Position, SlotStream, seeded
 from capfilt.train.text import TextEncoding

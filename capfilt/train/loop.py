@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from capfilt.images.transform import ImageTransform
 from capfilt.train.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from capfilt.images.transform import ImageTransform
 from capfilt.train.loader import StreamSpec, TrainBatch, rank_loader
 from capfilt.train.stream import Position
 
