@@ -136,7 +136,8 @@ def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16_and_train_as_blip(tmp_p
         config = load_bootstrap_config(Path(__file__).parents[1] / "pipelines" / "bootstraps"
                                        / f"{name}.toml")
         stage = round_stage(config, models)
-        assert (stage.dtype, stage.device) == ("bfloat16", "cuda")
+        # The device is the worker pool's, from the cluster: one actor per GPU (test_worker_pool).
+        assert stage.dtype == "bfloat16"
         assert stage.sampling.num_captions == config.round["num_captions"]
         # BLIP's pre-training at the paper's batch: momentum, the whole queue, 8 workers each
         # streaming with its own decoding processes; the filter's negatives from every rank.
