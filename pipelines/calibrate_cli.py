@@ -18,7 +18,7 @@ def command_calibrate(args: argparse.Namespace) -> int:
     from capfilt.calibration.record import calibrate_round, snippet, write_record
     from capfilt.report.round_report import write_report
     from manifests.store import write_text_atomic
-    from pipelines.cli import home_path
+    from pipelines.config import home_path
 
     target, value = _target(args)
     if not args.labels:

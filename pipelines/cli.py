@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from pipelines.config import CommandParser
+from pipelines.config import CommandParser, home_path
 from pipelines.exits import RECEIVED, catch_signals, run_command, stopped
 from pipelines.round_settings import add_round_arguments, round_options
 
@@ -130,7 +130,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 PATH_DESTS = ("config", "input", "output", "url_list", "download_to", "parent", "captioner",
               "filter", "round_dir", "dir", "data", "init", "bootstrap_config", "checkpoint",
               "out", "processor_from", "judge")
-PATH_PREFIXES = ("scratch:", "world:")  # --init scratch:FOLDER, --judge world:FOLDER
 
 
 def expand_home(args: argparse.Namespace) -> None:
@@ -142,22 +141,6 @@ def expand_home(args: argparse.Namespace) -> None:
             setattr(args, dest, home_path(dest, value))
         elif isinstance(value, list):
             setattr(args, dest, [home_path(dest, item) for item in value])
-
-
-def home_path(dest: str, value: str) -> str:
-    """``value`` with a leading ``~`` (after any ``scratch:``-like prefix) expanded; a home that
-    cannot be found is refused rather than taken as a folder name."""
-    from pipelines.config import ConfigError
-
-    prefix = next((p for p in PATH_PREFIXES if value.startswith(p)), "")
-    rest = value[len(prefix):]
-    if not rest.startswith("~"):
-        return value
-    expanded = os.path.expanduser(rest)
-    if expanded.startswith("~"):
-        raise ConfigError(f"--{dest.replace('_', '-')} {value}: no such user's home folder; "
-                          "give the path in full")
-    return prefix + expanded
 
 
 def print_summary(manifest, output: str) -> None:

@@ -8,6 +8,7 @@ optionally grouped in tables (``[sampling]``, ``[policy]``...), which are only f
 from __future__ import annotations
 
 import argparse
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,20 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{text}"'
+
+
+PATH_PREFIXES = ("scratch:", "world:")  # --init scratch:FOLDER, --judge world:FOLDER
+
+
+def home_path(dest: str, value: str) -> str:
+    """``value`` with a leading ``~`` (after any ``scratch:``-like prefix) expanded; a home that
+    cannot be found is refused rather than taken as a folder name."""
+    prefix = next((p for p in PATH_PREFIXES if value.startswith(p)), "")
+    rest = value[len(prefix):]
+    if not rest.startswith("~"):
+        return value
+    expanded = os.path.expanduser(rest)
+    if expanded.startswith("~"):
+        raise ConfigError(f"--{dest.replace('_', '-')} {value}: no such user's home folder; "
+                          "give the path in full")
+    return prefix + expanded
