@@ -12,12 +12,11 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from capfilt.train.build import build_task, output_refs
 from capfilt.train.checkpoints import latest_checkpoint, load_checkpoint
-from capfilt.train.loop import TrainConfig
 from capfilt.train.progress import TrainProgress, job_label
 from capfilt.train.run import RankJob, run_rank
 from capfilt.train.sources import Source, list_pieces, source_rows
@@ -39,19 +38,14 @@ def uneven_shares(batch_size: int, workers: int) -> str | None:
 
 
 @dataclass(frozen=True)
-class TrainJob:
-    """One training run, as plain data (it travels to Ray Train workers)."""
+class TrainJob(RankJob):
+    """One training run: what each rank trains (``RankJob``), and where: ``workers`` ranks
+    (more than one: Ray Train, DDP) on ``device``, on the Ray cluster at ``address``. Plain
+    data; it travels to Ray Train workers."""
 
-    task: str  # pretrain | captioner | filter
-    init: str
-    data: tuple[str, ...]
-    output: str
-    config: TrainConfig
-    vision_init: str | None = None
     workers: int = 1
     device: str = "cpu"
     address: str | None = None
-    negative_mix: float = 0.0
 
     def __post_init__(self):
         uneven = uneven_shares(self.config.batch_size, self.workers)
@@ -59,9 +53,7 @@ class TrainJob:
             raise ValueError(uneven)
 
     def rank_job(self) -> RankJob:
-        return RankJob(task=self.task, init=self.init, data=self.data, output=self.output,
-                       config=self.config, vision_init=self.vision_init,
-                       negative_mix=self.negative_mix)
+        return RankJob(**{f.name: getattr(self, f.name) for f in fields(RankJob)})
 
     def parameters(self) -> dict:
         return {"task": self.task, "init": self.init, "data": list(self.data),
