@@ -44,7 +44,8 @@ def test_a_batch_asks_the_device_only_when_each_model_is_done(loaded, questions)
     flags = questions.pop(("__bool__", "transfer.py", "value"), 0)
     assert 1 <= flags <= 12
     assert dict(questions) == {
-        ("__bool__", "blip_decoder.py", "_sample"): 1,  # did the top-k candidates hold? (at the end)
+        # did the top-k candidates hold? (asked once, at the end)
+        ("__bool__", "blip_decoder.py", "_sample"): 1,
         ("tolist", "blip_decoder.py", "_decode"): 1,  # the captions' tokens
         ("tolist", "blip_itm.py", "__call__"): 1,  # the scores
     }

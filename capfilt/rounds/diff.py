@@ -5,8 +5,8 @@ duplicate-key rejects that share it). For each web caption: kept or not in each 
 not (a rejected row, the threshold, the ranking). Synthetic captions differ between rounds, so
 they are compared per image by how many were kept. Then each round's synthetic share of the
 kept texts and the diversity of its kept synthetic captions
-(capfilt/evaluation/caption_diversity.py), with a warning when it collapses. Shard files are found by index in the folders given, as the
-report and ``capfilt validate`` find them.
+(capfilt/evaluation/caption_diversity.py), with a warning when it collapses. Shard files are
+found by index in the folders given, as the report and ``capfilt validate`` find them.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ class Scorer:
         image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))[0]
         image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         # Tokenised while a GPU runs the vision tower; each chunk's tensors then cross without
-        # waiting for the queue (capfilt.models.transfer), so nothing drains it before the last chunk.
+        # waiting for the queue (capfilt.models.transfer), so nothing drains it before the last
+        # chunk.
         ids = self.tokenizer(cut_texts(flat, self.max_text_tokens), truncation=True,
                              max_length=self.max_text_tokens).input_ids
         itm_parts, itc_parts = [], []
