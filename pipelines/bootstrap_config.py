@@ -6,10 +6,10 @@ Top-level keys name the data and where models start; one table per step sets tha
     init = "scratch:models/blank"   rounds = 1             ablation = true    seed = 0
     parallel = 3    (trainings that do not depend on each other at once; CPU, one worker each)
     vision_init = "timm:vit_base_patch16_224.augreg_in21k_ft_in1k"   (optional, with scratch:)
-    [pretrain]            any TrainConfig field (steps, batch_size, lr, min_lr, warmup_steps,
-    [finetune_captioner]  weight_decay, augment, checkpoint_every, log_every, momentum,
-    [finetune_filter]     queue_size, alpha, negative_all_rank, precision, loader_workers, ...);
-                          and negative_mix, workers, device
+    [pretrain]            any TrainConfig field (steps or epochs, samples, batch_size, lr,
+    [finetune_captioner]  min_lr, warmup_steps, weight_decay, augment, checkpoint_every,
+    [finetune_filter]     log_every, momentum, queue_size, alpha, negative_all_rank, precision,
+                          loader_workers, ...); and negative_mix, workers, device
     [round]               any setting of ``capfilt run``, named as in its --config files
                           (num_captions, method, top_p, top_k, max_new_tokens, policy,
                           threshold, keep, rank_by, caption_guards, dedup, batch_size, workers,
@@ -157,8 +157,8 @@ def _step(table: dict, name: str, seed: int, path: Path) -> StepTraining:
     _check_types(TrainConfig, settings, f"{path}: [{name}] ")
     _check_types(StepTraining, extras, f"{path}: [{name}] ")
     settings.setdefault("seed", seed)
-    if "steps" not in settings:
-        raise BootstrapConfigError(f"[{name}]: steps is required")
+    if "steps" not in settings and "epochs" not in settings:
+        raise BootstrapConfigError(f"[{name}]: steps or epochs is required")
     try:
         return StepTraining(TrainConfig(**settings), **extras)
     except ValueError as exc:

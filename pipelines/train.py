@@ -85,20 +85,24 @@ def with_absolute_paths(job: TrainJob) -> TrainJob:
 def run_training(job: TrainJob) -> JobManifest:
     out = Path(job.output)
     manifest_path = out / "manifest.json"
+    parameters = job.parameters()  # as given: epochs, not the steps they come to
     if manifest_path.exists():
         done = JobManifest.from_dict(read_json(str(manifest_path)))
-        if done.parameters != job.parameters():
+        if done.parameters != parameters:
             raise ValueError(f"{out} holds a finished {done.kind} with other settings; "
                              "use another --output")
         log.info("%s already finished: %s", out, manifest_path)
         return done
     created, started = now(), time.perf_counter()
     sources = [Source.parse(text) for text in job.data]
-    # Footers only: the data is counted, never read, here; each rank streams its own part.
-    pieces = list_pieces(sources)
+    # Footers only (and a round's captions, to count pairs): the data is counted, never read,
+    # here; each rank streams its own part.
+    pieces = list_pieces(sources, pairs=job.config.samples == "pairs")
     counts = source_rows(pieces, sources)
-    log.info("%s: %d rows in %s", job.task, sum(c["rows"] for c in counts),
-             ", ".join(map(str, sources)))
+    log.info("%s: %d %s in %s", job.task, sum(c["rows"] for c in counts),
+             "pairs" if job.config.samples == "pairs" else "rows", ", ".join(map(str, sources)))
+    # Epochs become steps here, once: every rank then trains the same number of them.
+    job = replace(job, config=job.config.for_samples(sum(c["rows"] for c in counts)))
     if job.workers > 1:
         from workers.ray_cluster import ensure_ray
         from workers.train_worker import run_ray_train
@@ -127,7 +131,7 @@ def run_training(job: TrainJob) -> JobManifest:
     rows = sum(c["rows"] for c in counts)
     manifest = JobManifest(
         kind=KIND[job.task], status="complete", inputs=inputs, outputs=output_refs(paths),
-        parameters=job.parameters(),
+        parameters=parameters,
         results={"steps": job.config.steps, "resumes": resumes,
                  "resumed_from": resumes[-1] if resumes else 0, "rows": rows,
                  "epochs": round(job.config.steps * job.config.batch_size / max(rows, 1), 4),

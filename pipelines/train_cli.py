@@ -23,7 +23,13 @@ def add_training_arguments(command: argparse.ArgumentParser) -> None:
                          "and round folders, ROUND or ROUND@VIEW (kept, kept_web, "
                          "web_and_synthetic, web)")
     command.add_argument("--output", help="folder for checkpoints, models and the manifest")
-    command.add_argument("--steps", type=int, default=1000)
+    length = command.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    length.add_argument("--epochs", type=float,
+                        help="passes over the samples instead (BLIP trains each row 20)")
+    command.add_argument("--samples", choices=("images", "pairs"), default="images",
+                         help="a round's several kept texts: images, one drawn per image per "
+                         "epoch (BLIP-2); pairs, each (image, text) its own sample (BLIP)")
     command.add_argument("--batch-size", type=int, default=64)
     command.add_argument("--lr", type=float, default=1e-5)
     command.add_argument("--min-lr", type=float, default=0.0)
@@ -120,7 +126,8 @@ def train_job(args):
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        steps=0 if args.epochs else args.steps or 1000, epochs=args.epochs or 0.0,
+        samples=args.samples, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
         augment=args.augment, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         momentum=args.momentum, momentum_decay=args.momentum_decay, queue_size=args.queue_size,

@@ -319,3 +319,43 @@ def test_large_jpegs_decode_scaled_down_to_what_the_model_needs():
     full = decode_image(buffer.getvalue())
     got, want = spec.transform.resize(small), spec.transform.resize(full)
     assert (got.int() - want.int()).abs().float().mean() < 2.0
+
+
+def test_a_round_read_as_pairs_gives_each_kept_text_its_own_sample(tmp_path):
+    """BLIP's pre-training reads web and synthetic annotation files one after the other: an
+    image with two kept texts is two samples an epoch, one with none is no sample."""
+    from capfilt.rounds.folder import ROW_GROUP_ROWS
+
+    round_dir = tmp_path / "round"
+    (round_dir / "shards").mkdir(parents=True)
+    rows = []
+    for n in range(ROW_GROUP_ROWS + 30):
+        kept = [[], [f"web {n}"], [f"web {n}", f"synthetic {n}"]][n % 3]
+        rows.append({"key": f"{n}", "jpg": jpeg(n), "web_caption": f"web {n}",
+                     "synthetic_captions": [f"synthetic {n}"], "kept_captions": kept,
+                     "kept_sources": ["web", "synthetic"][: len(kept)]})
+    pq.write_table(pa.Table.from_pylist(rows), round_dir / "shards" / "00000.parquet",
+                   row_group_size=ROW_GROUP_ROWS)
+    (round_dir / "manifest.json").write_text("{}")
+    source = Source.parse(f"{round_dir}@kept")
+    assert [p.count for p in list_pieces([source])] == [100, 30]  # images
+    pieces = list_pieces([source], pairs=True)
+    expected = Counter((r["key"], c) for r in rows for c in r["kept_captions"])
+    assert [p.count for p in pieces] == [99, 30]  # 34 images with none, 33 with one, 33 two
+    read = [row for p in pieces for row in read_piece(p)]
+    assert Counter((r.key, r.captions[0]) for r in read) == expected
+    assert all(len(r.captions) == 1 and r.image == jpeg(int(r.key)) for r in read)
+    # The two samples of an image share its place, so it is decoded and cached once.
+    places = {}
+    for r in read:
+        places.setdefault(r.key, set()).add(r.place)
+    assert {len(p) for p in places.values()} == {1}
+    assert len(set.union(*places.values())) == len(places)
+    # An epoch of the stream deals every pair once, shuffled apart.
+    stream = SlotStream(pieces, 0, 1, seed=3, buffer=64, read=read_piece)
+    epoch = [(r.key, r.captions[0]) for r, place, _ in take(stream.rows(), sum(expected.values()))]
+    assert Counter(epoch) == expected
+    assert epoch != sorted(epoch, key=lambda kc: int(kc[0]))
+    # The other views read as pairs too: web_and_synthetic offers two texts for every image.
+    both = list_pieces([Source.parse(f"{round_dir}@web_and_synthetic")], pairs=True)
+    assert [p.count for p in both] == [200, 60]

@@ -351,3 +351,43 @@ def test_bf16_autocast_where_asked_and_by_default_on_cuda(blank, squares):
     # The projection ran in bf16 under autocast, in float32 without; weights stay float32.
     assert seen == [torch.bfloat16, torch.float32]
     assert layer.weight.dtype == torch.float32
+
+
+def test_epochs_over_pairs_give_a_round_with_more_kept_texts_more_steps(blank, tmp_path):
+    """BLIP trains every Table 1 row for the same epochs over its (image, text) pairs: a
+    CapFilt round keeping two texts for an image trains on it twice an epoch."""
+    round_dir = tmp_path / "round"
+    (round_dir / "shards").mkdir(parents=True)
+    rows = []
+    for n, row in enumerate(square_rows()):
+        both = [row["caption"], f"{row['caption']} again"]
+        kept = [[], [row["caption"]], both, both][n % 4]
+        rows.append({"key": row["key"], "jpg": row["jpg"], "web_caption": row["caption"],
+                     "synthetic_captions": [f"{row['caption']} again"], "kept_captions": kept,
+                     "kept_sources": ["web", "synthetic"][: len(kept)]})
+    pq.write_table(pa.Table.from_pylist(rows), round_dir / "shards" / "00000.parquet")
+    (round_dir / "manifest.json").write_text("{}")
+    pairs = sum(len(r["kept_captions"]) for r in rows)
+    assert pairs == 12 * 1 + 24 * 2
+    data = [f"{round_dir}@kept"]
+    by_pairs = run_training(job("pretrain", f"scratch:{blank}", data, tmp_path / "pairs",
+                                steps=0, epochs=2, samples="pairs", momentum=False))
+    assert by_pairs.results["rows"] == pairs
+    assert by_pairs.results["steps"] == 8  # 2 epochs of 60 pairs, 16 a batch: 7.5 steps
+    assert by_pairs.inputs[-1]["skipped"] == {}  # an image with no kept text is no sample
+    assert by_pairs.parameters["epochs"] == 2 and by_pairs.parameters["steps"] == 0
+    by_images = run_training(job("pretrain", f"scratch:{blank}", data, tmp_path / "images",
+                                 steps=0, epochs=2, samples="images", momentum=False))
+    assert by_images.results["rows"] == len(rows)
+    # Images: an epoch is the view's rows, those without a text among them (counted from
+    # footers); they are skipped as they come, so the 6 steps read past the second epoch.
+    assert by_images.results["steps"] == 6
+    assert by_images.inputs[-1]["skipped"]["no_caption"] > 12 * 2
+    # The same job again is the finished one: its identity is the epochs asked for.
+    again = run_training(job("pretrain", f"scratch:{blank}", data, tmp_path / "pairs",
+                             steps=0, epochs=2, samples="pairs", momentum=False))
+    assert again.finished_at == by_pairs.finished_at
+    with pytest.raises(ValueError, match="steps .* or epochs"):
+        TrainConfig(steps=10, epochs=1)
+    with pytest.raises(ValueError, match="samples"):
+        TrainConfig(steps=10, samples="captions")

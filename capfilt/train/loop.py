@@ -13,7 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,13 +32,23 @@ log = logging.getLogger("capfilt.train")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SAMPLES = ("images", "pairs")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How long and how a task trains. ``checkpoint_every`` 0 saves only at the end."""
+    """How long and how a task trains. ``checkpoint_every`` 0 saves only at the end.
 
-    steps: int
+    ``samples``: what one training sample is when a row offers several captions (a CapFilt
+    round's kept web and synthetic texts). "images": one row per image per epoch, one of its
+    captions drawn (BLIP-2, §3.4); "pairs": every (image, caption) its own sample, as BLIP's
+    pre-training reads its web and synthetic annotation files one after the other, so an image
+    with two kept texts is seen twice an epoch. ``epochs`` (> 0): train that many passes over
+    the samples instead of a fixed ``steps``: BLIP pre-trains every Table 1 row for the same
+    20 epochs, so a row with more kept pairs takes more steps. (As images, an epoch counts the
+    rows the footers count, an image left with no text among them.)"""
+
+    steps: int = 0
     batch_size: int = 64
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -62,10 +72,16 @@ class TrainConfig:
     # the rows each of them shuffles together.
     loader_workers: int = 2
     shuffle_buffer: int = 512
+    samples: str = "images"
+    epochs: float = 0.0
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError("steps must be at least 1")
+        if self.epochs < 0 or (self.steps < 1 and not self.epochs):
+            raise ValueError("give steps (at least 1) or epochs (more than 0)")
+        if self.epochs and self.steps:
+            raise ValueError(f"give steps ({self.steps}) or epochs ({self.epochs}), not both")
+        if self.samples not in SAMPLES:
+            raise ValueError(f"samples {self.samples!r}: use one of {', '.join(SAMPLES)}")
         if self.batch_size < 2:
             raise ValueError("batch size must be at least 2 (ITC contrasts within a batch)")
         if self.precision not in PRECISIONS:
@@ -77,6 +93,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_samples(self, samples: int) -> TrainConfig:
+        """The config with its steps fixed: ``epochs`` passes over ``samples`` samples, or the
+        steps as given."""
+        if not self.epochs:
+            return self
+        steps = max(1, math.ceil(self.epochs * samples / self.batch_size))
+        return replace(self, steps=steps, epochs=0.0)
 
 
 # Settings a resumed run may change without changing what it computes.

@@ -8,7 +8,7 @@ reads images before the first step: the data is listed from parquet footers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -64,8 +64,10 @@ def run_rank(job: RankJob, rank: int = 0, world: int = 1, device: str = "cpu",
     model = wrap(built.task) if wrap else built.task
     device = str(next(built.task.parameters()).device)
     if pieces is None:
-        pieces = list_pieces([Source.parse(text) for text in job.data])
+        pieces = list_pieces([Source.parse(text) for text in job.data],
+                             pairs=job.config.samples == "pairs")
     rows = sum(p.count for p in pieces)
+    job = replace(job, config=job.config.for_samples(rows))
     result = train(built.task, stream_spec(job, built, pieces, world), job.config,
                    Path(job.output) / "checkpoints", rows=rows, model=model, rank=rank,
                    world=world, device=device, on_log=on_log)

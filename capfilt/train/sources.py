@@ -14,6 +14,10 @@ A source is cut into pieces, the unit the stream shuffles and hands to loader pr
 parquet row group (img2dataset writes 100 rows a group, a round 100 too) or a whole tar. Row
 counts come from parquet footers (for a tar, from img2dataset's metadata parquet beside it), so
 listing a web-scale set reads no image.
+
+Listed as pairs (``list_pieces(..., pairs=True)``, BLIP's way), a round's row becomes one row per
+caption its view offers, all with the image's bytes and place; an image with none offers no
+sample. Counting pairs reads the round's caption columns (text only, never an image).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ ROUND_COLUMNS = ["key", "jpg", "web_caption", "synthetic_captions", "kept_captio
                  "kept_sources"]
 # Read where a round has it: rounds before caption guards wrote no synthetic_guard column.
 ROUND_OPTIONAL = ["synthetic_guard"]
+# What ``round_captions`` reads: the round's columns but its images.
+CAPTION_COLUMNS = [c for c in ROUND_COLUMNS + ROUND_OPTIONAL if c not in ("key", "jpg")]
 
 
 class TrainingDataError(ValueError):
@@ -86,27 +92,29 @@ class Piece:
     source: int  # index into the job's sources
     view: str | None
     group: int | None  # parquet row group; None for a tar
-    rows: int
+    rows: int  # samples: rows, or (image, caption) pairs when ``pairs``
     stride: int = 1
     offset: int = 0
+    pairs: bool = False
 
     @property
     def count(self) -> int:
         return max(0, -(-(self.rows - self.offset) // self.stride))
 
 
-def list_pieces(sources: list[Source]) -> list[Piece]:
-    """Every piece of every source, in a fixed order, counted from metadata."""
+def list_pieces(sources: list[Source], pairs: bool = False) -> list[Piece]:
+    """Every piece of every source, in a fixed order, counted from metadata; with ``pairs``,
+    a round's pieces count its (image, caption) pairs."""
     pieces: list[Piece] = []
     for index, source in enumerate(sources):
-        found = _source_pieces(index, source)
+        found = _source_pieces(index, source, pairs)
         if not found:
             raise TrainingDataError(f"{source}: no rows to train on")
         pieces += found
     return pieces
 
 
-def _source_pieces(index: int, source: Source) -> list[Piece]:
+def _source_pieces(index: int, source: Source, pairs: bool) -> list[Piece]:
     if source.view is not None:
         fs, root = fsspec.core.url_to_fs(source.path)
         files = sorted(fs.glob(_join(root, "shards", "*.parquet")))
@@ -125,9 +133,27 @@ def _source_pieces(index: int, source: Source) -> list[Piece]:
             pieces.append(Piece(url, index, None, None, _tar_rows(url)))
         elif url[: -len(".parquet")] not in tars:  # not img2dataset's metadata beside a tar
             needed = ROUND_COLUMNS if source.view else ["jpg"]
-            for group, rows in enumerate(_row_groups(url, needed)):
-                pieces.append(Piece(url, index, source.view, group, rows))
+            counts = (_pair_counts(url, source.view) if pairs and source.view
+                      else _row_groups(url, needed))
+            for group, rows in enumerate(counts):
+                pieces.append(Piece(url, index, source.view, group, rows,
+                                    pairs=pairs and source.view is not None))
     return [p for p in pieces if p.count]
+
+
+def _pair_counts(url: str, view: str) -> list[int]:
+    """(image, caption) pairs per row group of a round shard under ``view``."""
+    _row_groups(url, ROUND_COLUMNS)  # the same one-line error for a file that is no round's
+    try:
+        with open_regular(url) as (handle, size):
+            file = pq.ParquetFile(handle)
+            names = set(file.schema_arrow.names)
+            columns = [c for c in CAPTION_COLUMNS if c in names]
+            groups = range(file.metadata.num_row_groups)
+            return [sum(len(round_captions(row, view)) for row in
+                        read_parquet(url, file, size, [g], columns).to_pylist()) for g in groups]
+    except ShardReadError as exc:
+        raise TrainingDataError(str(exc)) from exc
 
 
 def _row_groups(url: str, needed: list[str]) -> list[int]:
@@ -190,6 +216,8 @@ def read_piece(piece: Piece) -> list[Row]:
     """
     try:
         rows = _read_rows(piece)
+        if piece.pairs:
+            rows = _pairs(rows, piece)
     except (OSError, EOFError, tarfile.TarError, pa.ArrowException, ShardReadError,
             TrainingDataError, KeyError) as exc:
         where = piece.url if piece.group is None else f"{piece.url} row group {piece.group}"
@@ -198,8 +226,14 @@ def read_piece(piece: Piece) -> list[Row]:
     rows = rows[piece.offset::piece.stride]
     for n, row in enumerate(rows):
         row.source = piece.source
-        row.place = (piece.url, piece.group, piece.offset + n * piece.stride)
+        row.place = row.place or (piece.url, piece.group, piece.offset + n * piece.stride)
     return rows
+
+
+def _pairs(rows: list[Row], piece: Piece) -> list[Row]:
+    """One row per caption, each keeping its image's place (decoded once, cached once)."""
+    return [Row(row.key, row.image, [caption], row.skip, place=(piece.url, piece.group, n))
+            for n, row in enumerate(rows) for caption in row.captions]
 
 
 def _read_rows(piece: Piece) -> list[Row]:
