@@ -1,5 +1,5 @@
-"""BLIP-2 and InstructBLIP checkpoints as the captioner, chosen by their own config (tiny
-OPT language models here): seeded per image and caption, so a batch gives what one image does."""
+"""BLIP-2 and InstructBLIP checkpoints as the captioner, chosen by their own config (tiny OPT
+and T5 language models here): seeded per image and caption, so a batch gives what one image does."""
 
 from collections import Counter
 
@@ -41,17 +41,38 @@ def opt(tokenizer) -> dict:
             "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
 
 
-def write_blip2(folder):
+def t5(tokenizer) -> dict:
+    """A Flan-T5-like encoder-decoder: T5 starts its decoder from the pad token."""
+    return {"model_type": "t5", "vocab_size": len(tokenizer), "d_model": 32, "d_kv": 16,
+            "d_ff": 64, "num_layers": 2, "num_heads": 2,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+def write_blip2(folder, language_model=opt):
     blip = tiny_processor()
     processor = Blip2Processor(image_processor=blip.image_processor, tokenizer=blip.tokenizer,
                                num_query_tokens=4)
     tokenizer = processor.tokenizer
     config = Blip2Config(vision_config=VISION, qformer_config=qformer(len(tokenizer)),
-                         text_config=opt(tokenizer), num_query_tokens=4,
+                         text_config=language_model(tokenizer), num_query_tokens=4,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
     Blip2ForConditionalGeneration(config).eval().save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def write_blip2_t5(folder):
+    """BLIP-2 with a T5 language model. The random T5 never writes its end token; its end
+    token's embedding (tied to its output row) made that of a common word, it ends some
+    captions, as the OPT ones do."""
+    write_blip2(folder, t5)
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    tokenizer = Blip2Processor.from_pretrained(folder).tokenizer
+    embedding = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[tokenizer.sep_token_id] = embedding[tokenizer.convert_tokens_to_ids("with")]
+    model.save_pretrained(folder)
 
 
 def write_instructblip(folder):
@@ -68,18 +89,21 @@ def write_instructblip(folder):
     processor.save_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["blip2", "instructblip"])
+WRITERS = {"blip2": write_blip2, "blip2-t5": write_blip2_t5, "instructblip": write_instructblip}
+
+
+@pytest.fixture(scope="module", params=list(WRITERS))
 def lm_captioner(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param) / "captioner"
-    (write_blip2 if request.param == "blip2" else write_instructblip)(folder)
+    WRITERS[request.param](folder)
     return request.param, folder
 
 
 def test_captions_are_seeded_per_image_and_caption(lm_captioner):
     kind, folder = lm_captioner
     loaded = load_model(str(folder), "captioner")
-    expected = (Blip2ForConditionalGeneration if kind == "blip2"
-                else InstructBlipForConditionalGeneration)
+    expected = (InstructBlipForConditionalGeneration if kind == "instructblip"
+                else Blip2ForConditionalGeneration)
     assert type(loaded.model) is expected
     sampling = SamplingConfig(num_captions=2, max_new_tokens=4, prompt="a picture of")
     captioner = make_captioner(loaded, sampling, seed=7)
@@ -97,8 +121,9 @@ def test_captions_are_seeded_per_image_and_caption(lm_captioner):
     out = loaded.model.generate(pixel_values=pixels[1:2], input_ids=captioner.input_ids,
                                 **captioner.qformer_inputs, do_sample=True, top_p=0.9, top_k=50,
                                 repetition_penalty=1.1, max_new_tokens=4, min_new_tokens=1)
-    text = loaded.processor.tokenizer.decode(out[0, captioner.input_ids.shape[1]:],
-                                             skip_special_tokens=True).strip()
+    # A decoder-only model's output repeats the prompt; T5's decoder starts afresh.
+    start = 0 if kind == "blip2-t5" else captioner.input_ids.shape[1]
+    text = loaded.processor.tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
     assert text == captions[1][1]
 
 
@@ -130,3 +155,4 @@ def test_each_caption_says_whether_it_ended_before_the_limit(lm_captioner):
     roomy = make_captioner(loaded, SamplingConfig(num_captions=4, max_new_tokens=40), seed=0)
     ended = Counter(c.ended for group in roomy.captions(pixels, keys) for c in group)
     assert ended[True] > 0 and ended[False] > 0  # the random model ends some, not all
+

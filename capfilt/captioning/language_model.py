@@ -32,7 +32,7 @@ class LanguageModelCaptioner:
         tokenizer = self.processor.tokenizer
         # The prompt after the image's query tokens: BLIP-2 places them before everything.
         prompt = tokenizer(sampling.prompt.strip(), add_special_tokens=False).input_ids
-        bos = config.text_config.bos_token_id
+        bos = getattr(config.text_config, "bos_token_id", None)
         lead = [bos] if bos is not None and not config.text_config.is_encoder_decoder else []
         ids = [config.image_token_index] * config.num_query_tokens + lead + prompt
         self.input_ids = torch.tensor([ids], device=self.device)
