@@ -101,9 +101,9 @@ def lm_captioner(request, tmp_path_factory):
     return request.param, folder
 
 
-def tinted_images(count: int) -> torch.Tensor:
+def tinted_images(count: int, size: int = 32) -> torch.Tensor:
     """Noise images, each in its own tint: the random vision towers barely tell noise apart."""
-    noise = torch.rand(count, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    noise = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(2))
     tint = torch.linspace(-3, 3, count).view(count, 1, 1, 1) * torch.tensor([1, -1, 0.5])
     return noise + tint.view(count, 3, 1, 1)
 
