@@ -133,7 +133,7 @@ def main() -> None:
         "images": args.images, "batch": args.batch, "captions_per_image": args.captions,
         "sampling": sampling.to_dict(), "repeats": runs,
         "median_speed_up": statistics.median(r["speed_up"] for r in runs),
-        "captions_identical": same, "captions_compared": len(texts) * args.repeats,
+        "captions_per_repeat": len(texts), "identical_in_every_repeat": same,
         "captions_ended": sum(c.ended for group in batched for c in group),
     }
     for key, value in figures.items():
