@@ -1,21 +1,52 @@
 """The captioner for BLIP-2 and InstructBLIP checkpoints: a frozen language model reading the
 Q-Former's query outputs, through transformers' own ``generate``.
 
-Each caption is one ``generate`` call seeded from (round seed, image key, caption index), as
-BLIP's captioner seeds its rows: a shard run again, in any batch, gives the same captions. That
-is reproducible but not fast (one sequence per call); BLIP's own captioner batches its sampling.
+A batch is one ``generate`` call: the vision tower and Q-Former run once per image, and the
+``num_captions`` captions of every image are its rows. Each caption stays seeded from (round
+seed, image key, caption index), as BLIP's captioner seeds its rows, so a shard run again gives
+the same captions. ``generate`` draws every row from one random stream, so ``RowDraws``, the
+last logits processor, draws each row from its own generator and leaves ``generate``'s own draw
+a single choice: a caption is the one ``torch.manual_seed(its seed)`` and a ``generate`` of its
+image alone write, whatever its batch, up to rounding. A row's logits in a batch differ from
+its logits alone in the last bits (at most 2e-6 on the tiny test models); a token changes only
+where a draw or the top-p cut falls that close to a boundary, which no caption of
+tests/test_lm_captioner.py or bench/lm_captioner.py did. Beam search is deterministic, batched
+as it is.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import InstructBlipForConditionalGeneration
+from transformers import (
+    InstructBlipForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from capfilt.captioning.generation_length import fit_generation
 from capfilt.captioning.guards import Caption
-from capfilt.captioning.seeding import caption_seed
+from capfilt.captioning.seeding import generators
 from capfilt.captioning.settings import SamplingConfig
 from capfilt.models.loading import LoadedModel
+
+
+class RowDraws(LogitsProcessor):
+    """Row ``i``'s next token drawn from ``generators[i]``, returned as the row's only finite
+    score, so ``generate``'s own draw can pick nothing else.
+
+    A row is drawn alone, as ``generate`` draws a batch of one (softmax, then ``multinomial``,
+    which takes an exponential per vocabulary entry): the same random numbers, used the same
+    way. Rows past their end token are drawn too; ``generate`` pads them."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        picks = torch.cat([torch.multinomial(scores[i : i + 1].softmax(dim=-1), 1, generator=g)
+                           for i, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
 
 
 class LanguageModelCaptioner:
@@ -32,7 +63,7 @@ class LanguageModelCaptioner:
         tokenizer = self.processor.tokenizer
         # The prompt after the image's query tokens: BLIP-2 places them before everything.
         prompt = tokenizer(sampling.prompt.strip(), add_special_tokens=False).input_ids
-        bos = config.text_config.bos_token_id
+        bos = getattr(config.text_config, "bos_token_id", None)  # T5's config has none
         lead = [bos] if bos is not None and not config.text_config.is_encoder_decoder else []
         ids = [config.image_token_index] * config.num_query_tokens + lead + prompt
         self.input_ids = torch.tensor([ids], device=self.device)
@@ -59,27 +90,46 @@ class LanguageModelCaptioner:
     @torch.inference_mode()
     def captions(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[Caption]]:
         """The captions with whether each ended before ``max_new_tokens`` (caption guards)."""
+        n = self.sampling.num_captions
+        if n == 0 or not keys:
+            return [[] for _ in keys]
         pixels = pixel_values.to(self.device, self.dtype)
-        return [[self._one(pixels[i : i + 1], key, n) for n in range(self.sampling.num_captions)]
-                for i, key in enumerate(keys)]
+        # Every image needs its own prompt row: generate places image i's queries in row i.
+        input_ids = self.input_ids.repeat(len(keys), 1)
+        qformer_inputs = {name: ids.repeat(len(keys), 1)
+                          for name, ids in self.qformer_inputs.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # generate's own draw: the caller's stream
+            out = self.model.generate(pixel_values=pixels, input_ids=input_ids,
+                                      attention_mask=torch.ones_like(input_ids),
+                                      **qformer_inputs, **self._options(keys))
+        if not self.model.config.text_config.is_encoder_decoder:
+            out = out[:, input_ids.shape[1] :]  # decoder-only output repeats the prompt
+        texts = [self._caption(row) for row in out.tolist()]
+        return [texts[i * n : (i + 1) * n] for i in range(len(keys))]
 
-    def _one(self, pixels: torch.Tensor, key: str, index: int) -> Caption:
+    def _options(self, keys: list[str]) -> dict:
+        """``generate``'s settings; rows come image by image, ``num_captions`` each."""
         cfg = self.sampling
         options = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
-                   "repetition_penalty": cfg.repetition_penalty}
+                   "repetition_penalty": cfg.repetition_penalty,
+                   "num_return_sequences": cfg.num_captions}
         if cfg.method == "beam":
-            options.update(num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
-                           do_sample=False)
-        else:
-            options.update(do_sample=True, top_p=cfg.top_p, top_k=cfg.top_k or 0)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(caption_seed(self.seed, key, index))
-            out = self.model.generate(pixel_values=pixels, input_ids=self.input_ids,
-                                      attention_mask=torch.ones_like(self.input_ids),
-                                      **self.qformer_inputs, **options)
-        row = out[index if cfg.method == "beam" else 0]
-        if not self.model.config.text_config.is_encoder_decoder:
-            row = row[self.input_ids.shape[1] :]  # decoder-only output repeats the prompt
-        text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
-        return Caption(text, ended=not self.eos_ids.isdisjoint(row.tolist()))
+            return {**options, "num_beams": cfg.num_beams, "do_sample": False}
+        # generate puts a caller's processors before its own top-k and top-p: those are here,
+        # before the draw, in generate's order, and generate's are off. Its other warpers
+        # (a checkpoint's temperature, ...) would come after the draw and change nothing.
+        last = []
+        if cfg.top_k:
+            last.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            last.append(TopPLogitsWarper(cfg.top_p))
+        last.append(RowDraws(generators(self.seed, keys, cfg.num_captions, self.device)))
+        return {**options, "do_sample": True, "top_k": 0, "top_p": 1.0,
+                "logits_processor": LogitsProcessorList(last)}
+
+    def _caption(self, row: list[int]) -> Caption:
+        """A row's text up to its first end token (a batch pads the rest)."""
+        end = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+        text = self.processor.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+        return Caption(text, ended=end is not None)

@@ -13,10 +13,11 @@ def caption_seed(round_seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def generators(round_seed: int, keys: list[str], per_key: int) -> list[torch.Generator]:
-    """One CPU generator per (key, caption index), in row-major order."""
+def generators(round_seed: int, keys: list[str], per_key: int,
+               device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator on ``device`` per (key, caption index), in row-major order."""
     return [
-        torch.Generator().manual_seed(caption_seed(round_seed, key, i))
+        torch.Generator(device=device).manual_seed(caption_seed(round_seed, key, i))
         for key in keys
         for i in range(per_key)
     ]
