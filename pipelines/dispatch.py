@@ -66,13 +66,13 @@ def dispatch(
 
     ``on_result`` hears of each finished shard once the freed worker has its next one, so a
     progress line drawn then shows what every worker is doing; ``on_worker(label, state)``
-    hears each worker's state change (loading, shard NNNNN: the oldest it holds, which runs
-    the models first; idle, restarting, could not start); ``on_rows(label, done, total)``,
-    every ``ROWS_POLL_SECONDS`` while no shard finishes, how many of its shard's rows each busy
-    worker has written or rejected. ``find_repeats()`` gives, shard index -> {key: ``Mark``},
-    the rows each shard sets aside as images seen earlier in the round
-    (``pipelines.duplicates``); it runs while the workers load their models, and before any
-    shard starts."""
+    hears each worker's state change (loading, shard NNNNN: the oldest it holds, which is
+    usually the one running the models; idle, restarting, could not start);
+    ``on_rows(label, done, total)``, every ``ROWS_POLL_SECONDS`` while no shard finishes, how
+    many rows of the shard in its models each busy worker has written or rejected.
+    ``find_repeats()`` gives, shard index -> {key: ``Mark``}, the rows each shard sets aside as
+    images seen earlier in the round (``pipelines.duplicates``); it runs while the workers load
+    their models, and before any shard starts."""
     if not todo:
         return []
     pool = WorkerPool(config, size_pool(ray.cluster_resources(), workers, len(todo),
