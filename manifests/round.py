@@ -83,6 +83,8 @@ class ShardResult(Counts):
     webdataset_samples: int | None = None  # images in it (those with a kept text)
     input_sha256: str | None = None
     input_bytes: int | None = None
+    # The shard's own time: read, decoding waited for, models, its files made ready (not their
+    # writes, nor waiting while another shard in flight on the worker ran the models).
     seconds: float = 0.0
     model_seconds: float = 0.0  # of ``seconds``, in the models (the rest: read, decode waits, commit)
     attempts: int = 1

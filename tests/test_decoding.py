@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,6 +84,34 @@ def test_processes_decode_as_threads_do_and_outlive_a_killed_process(transforms)
         shared = decoder(rows, pin=False)
         assert shared.filter_pixels is shared.caption_pixels
         assert torch.equal(shared.caption_pixels, expected.caption_pixels)
+    finally:
+        decoder.close()
+
+
+def test_two_threads_decoding_at_once_each_get_their_own_batch(transforms):
+    """A worker decodes one shard's next batch and the next shard's first batch at once, from
+    two threads, through the one set of shared blocks; the second batch is larger, so an
+    unguarded decoder would also reallocate the blocks under the first."""
+    caption, filter_ = transforms
+    shades = [(shape, colour, shade) for shade in (0, 500, 900)
+              for shape, colour in [("triangle", "red"), ("square", "green"), ("circle", "blue")]]
+    items = [{"key": f"o{i}", "jpg": jpeg_bytes(draw_shape(shape, colour, shade=shade))}
+             for i, (shape, colour, shade) in enumerate(shades)]
+    batches = {"first": batch(), "second": pa.Table.from_pylist(
+        [{**BASE, **i} for i in items], schema=INPUT_SCHEMA).to_pylist()}
+    expected = {name: ThreadDecoder(caption, filter_, threads=2)(rows, pin=False)
+                for name, rows in batches.items()}
+    decoder = ProcessDecoder(caption, filter_, processes=2)
+    try:
+        def decode_again(rows):
+            return [decoder(rows, pin=False) for _ in range(6)]
+
+        with ThreadPoolExecutor(max_workers=2) as both:
+            decoded = dict(zip(batches, both.map(decode_again, batches.values())))
+        for name, runs in decoded.items():
+            for got in runs:
+                assert torch.equal(got.caption_pixels, expected[name].caption_pixels), name
+                assert torch.equal(got.filter_pixels, expected[name].filter_pixels), name
     finally:
         decoder.close()
 

@@ -1,5 +1,6 @@
 """Faults done for real: a worker process killed mid-round, the driver killed mid-round."""
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import pytest
 
 from capfilt.captioning.settings import SamplingConfig
 from capfilt.models.source import weights_sha256
+from capfilt.rounds.check import check_round
 from capfilt.shards.samples import write_sample_shards
 from capfilt.step.stage_config import StageConfig
 from pipelines.plan import RoundOptions
@@ -112,6 +114,34 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(uninterrupted, t
     assert max(s.attempts for s in manifest.shards) == 2
     assert shard_bytes(out) == shard_bytes(uninterrupted)
     assert manifest.totals.rows_in == SHARDS * ROWS
+
+
+def test_a_worker_killed_with_two_shards_in_flight_has_both_run_again(uninterrupted, tiny_models,
+                                                                      inputs, tmp_path):
+    """The worker holds two shards (one running the models, the next read meanwhile): it is
+    killed as the driver reports the first finished shard, by when the driver has handed it
+    the next one. Both shards it held run again, each counting its second attempt."""
+    out = tmp_path / "round"
+    before = set(worker_pids())
+    killed = []
+
+    class KillingStream(io.StringIO):
+        """The round's progress lines; the first finished shard's line kills the worker."""
+
+        def write(self, text: str) -> int:
+            if text.startswith("shards 1/") and not killed:
+                [victim] = [p for p in worker_pids() if p not in before]
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+            return super().write(text)
+
+    manifest = run_round(round_options(tiny_models, inputs, out), stream=KillingStream())
+    assert killed
+    assert manifest.status == "complete"
+    assert sorted(s.attempts for s in manifest.shards) == [1] * (SHARDS - 2) + [2, 2]
+    assert manifest.totals.rows_in == SHARDS * ROWS
+    assert shard_bytes(out) == shard_bytes(uninterrupted)
+    assert check_round(str(out)) == []
 
 
 def copied_models(tiny_models, folder: Path) -> dict[str, Path]:

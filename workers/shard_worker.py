@@ -15,11 +15,17 @@ from capfilt.step.stage_config import Placement, StageConfig
 from capfilt.terminal import configure_logging
 
 
+# Shards a worker holds at once: one running the models, the next read and its first batch
+# decoded meanwhile (or the one before committing while the next runs the models).
+SHARDS_IN_FLIGHT = 2
+
+
 class ShardWorker:
     """Loads the models once in ``__init__``; each ``process`` call is one shard, committed.
 
-    Started with two threads (``max_concurrency=2``), so ``rows`` answers while ``process``
-    runs: the driver asks how far a long shard has come."""
+    Up to ``SHARDS_IN_FLIGHT`` ``process`` calls run at once, taking turns at the models
+    (``capfilt/step/shard_turns.py``), and one thread more lets ``rows`` answer meanwhile:
+    the driver asks how far a long shard has come."""
 
     def __init__(self, config: StageConfig, placement: Placement = Placement(),
                  torch_threads: int | None = None):
@@ -38,6 +44,7 @@ class ShardWorker:
         import torch
 
         from capfilt.step.host_memory import keep_freed_memory
+        from capfilt.step.shard_turns import ShardTurns
         from capfilt.step.stage import CapFiltStage
 
         # Before the models load: each batch then reuses the pages the last one freed.
@@ -46,6 +53,7 @@ class ShardWorker:
             torch.set_num_threads(torch_threads)
         configure_logging("WARNING")  # worker logs reach the driver's terminal
         self.stage = CapFiltStage.from_config(config, placement)
+        self.turns = ShardTurns()
 
     def describe(self) -> dict:
         """Where this worker runs: ready once this returns (models are loaded by then); raises
@@ -57,20 +65,22 @@ class ShardWorker:
                 "keeps_freed_memory": self.keeps_freed_memory}
 
     def rows(self) -> tuple[int, int]:
-        """(rows done, rows in the shard) of the shard running now, or of the last one."""
+        """(rows done, rows in the shard) of the shard running the models now, or of the last
+        one."""
         return self.rows_done
 
     def process(self, index: int, input_path: str, round_dir: str, batch_size: int,
                 reader: ReaderOptions, attempt: int = 1, write: tuple[str, ...] = (),
                 repeats: dict | None = None) -> dict:
-        from capfilt.step.shard_runner import run_shard
+        """One shard, run as ``run_shard`` runs it, in turns with the other shard in flight;
+        its result once committed. Raises ``ShardWithdrawn`` for a shard not written because
+        the disk is full."""
+        from capfilt.step.shard_runner import ShardRun
 
         node = ray.get_runtime_context().get_node_id()[:12]
-        self.rows_done = (0, 0)
-        result = run_shard(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
-                           worker=f"{node}/{os.getpid()}", write=write,
-                           on_rows=self._count_rows, repeats=repeats)
-        return result.__dict__
+        run = ShardRun(self.stage, index, input_path, round_dir, batch_size, reader, attempt,
+                       worker=f"{node}/{os.getpid()}", write=write, repeats=repeats)
+        return self.turns.run(run, self._count_rows).__dict__
 
     def _count_rows(self, done: int, total: int) -> None:
         self.rows_done = (done, total)
@@ -83,6 +93,6 @@ def start_workers(config: StageConfig, count: int, *, placement: Placement = Pla
     # SPREAD: on a cluster, workers go to different nodes before doubling up on one.
     actor = ray.remote(ShardWorker).options(
         num_gpus=gpus, num_cpus=cpus, max_restarts=0, scheduling_strategy="SPREAD",
-        max_concurrency=2,  # ``rows`` beside ``process``; the driver runs one shard at a time
+        max_concurrency=SHARDS_IN_FLIGHT + 1,  # ``rows`` beside the shards in flight
     )
     return [actor.remote(config, placement, torch_threads) for _ in range(count)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,16 +73,17 @@ class WorkerStartError(RuntimeError):
 class WorkerPool:
     """Actors labelled 0 to ``size.count - 1``, each holding ``config``'s models.
 
-    ``idle`` holds the (label, actor) pairs ready for a shard. A worker that died is replaced
-    under its label, and the replacement joins ``idle`` only once its models are loaded, so
-    one that dies while starting (on a node that is going away, say) costs no shard an
-    attempt. ``on_worker(label, state)`` hears "loading", "restarting" and "could not start".
+    ``ready`` maps the label of each worker whose models are loaded to its actor, busy or not
+    (how many shards each holds is the dispatcher's). A worker that died is replaced under its
+    label, and the replacement joins ``ready`` only once its models are loaded, so one that
+    dies while starting (on a node that is going away, say) costs no shard an attempt.
+    ``on_worker(label, state)`` hears "loading", "restarting" and "could not start".
     """
 
     def __init__(self, config: StageConfig, size: PoolSize,
                  on_worker: Callable[[int, str], None] = lambda label, state: None):
         self.config, self.size, self.on_worker = config, size, on_worker
-        self.idle: deque = deque()
+        self.ready: dict = {}  # label -> actor
         self.starting: dict = {}  # describe() refs of replacements still loading
         self.failed_start: Exception | None = None  # why the last replacement gave up
         self._first = self._start(size.count)
@@ -104,26 +104,23 @@ class WorkerPool:
             for actor in self._first:
                 ray.kill(actor)
             raise WorkerStartError(f"a worker could not start: {reason(exc)}") from exc
-        self.idle.extend(enumerate(self._first))
-
-    def release(self, label: int, actor) -> None:
-        """A worker finished its shard (or its shard raised) and takes the next one."""
-        self.idle.append((label, actor))
+        self.ready.update(enumerate(self._first))
 
     def replace(self, label: int, tries: int = 1) -> None:
         """Start a new worker under ``label``, in place of one that died."""
+        self.ready.pop(label, None)
         self.on_worker(label, "restarting")
         actor = self._start(1)[0]
         self.starting[actor.describe.remote()] = (label, actor, tries)
 
     def settle(self, ref) -> None:
-        """A replacement's ``describe`` answered (``ref`` in ``starting``): it is idle now; or
+        """A replacement's ``describe`` answered (``ref`` in ``starting``): it is ready now; or
         it died or its models would not load: it is tried again, ``MAX_STARTS`` times in a
         row, and then the round goes on without it."""
         label, actor, tries = self.starting.pop(ref)
         try:
             ray.get(ref)
-            self.idle.append((label, actor))
+            self.ready[label] = actor
         except (RayActorError, RayTaskError) as exc:
             ray.kill(actor)
             log.warning("worker %d could not start (try %d): %s", label, tries, reason(exc))
@@ -136,8 +133,8 @@ class WorkerPool:
                           label, tries)
 
     def shut_down(self) -> None:
-        """Stop the idle workers and the replacements still loading."""
-        for actor in [actor for _, actor in self.idle] + [a for _, a, _ in self.starting.values()]:
+        """Stop the ready workers and the replacements still loading."""
+        for actor in [*self.ready.values(), *(a for _, a, _ in self.starting.values())]:
             ray.kill(actor)
 
 

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -90,7 +91,8 @@ class ThreadDecoder:
 class ProcessDecoder:
     """``processes`` worker processes (spawned: the parent may hold a CUDA context) decode
     contiguous parts of the batch into a shared-memory block per model, reused from batch to
-    batch (``prepare`` calls come one at a time).
+    batch: calls take turns (a worker decodes one shard's next batch and another's first at
+    once, from two threads).
 
     A worker that dies (a decoder crash on some file, or the kernel's OOM killer, which picks
     decoding processes first) breaks the pool: the pool is restarted and that part is decoded
@@ -109,6 +111,7 @@ class ProcessDecoder:
         self.pool = self._start()
         self.blocks: list[SharedMemory] = []
         self.fallback: ThreadDecoder | None = None
+        self.turn = threading.Lock()  # one batch at a time in the shared blocks
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
@@ -117,6 +120,10 @@ class ProcessDecoder:
     def __call__(self, rows: list[dict], pin: bool) -> Decoded:
         if not rows:
             return Decoded()
+        with self.turn:
+            return self._decode_batch(rows, pin)
+
+    def _decode_batch(self, rows: list[dict], pin: bool) -> Decoded:
         shared = self.filter == self.caption
         shapes = [(len(rows), 3, t.height, t.width) for t in
                   ((self.caption,) if shared else (self.caption, self.filter))]

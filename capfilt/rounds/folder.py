@@ -17,6 +17,7 @@ Temporary files start with "." (manifests/store.py), so dataset readers never li
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -117,6 +118,12 @@ def name_parts_in_round(result: ShardResult) -> ShardResult:
     if result.webdataset is not None:
         result.webdataset = tar_name(result.index)
     return result
+
+
+def no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` is a full disk (pyarrow's writers raise it without an errno)."""
+    return isinstance(error, OSError) and (
+        error.errno == errno.ENOSPC or "No space left on device" in str(error))
 
 
 def commit_shard(root: str, result: ShardResult, rows: pa.Table, rejects: pa.Table,
