@@ -69,7 +69,12 @@ class CommandParser(argparse.ArgumentParser):
         return self._keep(super().add_argument(*args, **kwargs))
 
     def add_argument_group(self, *args, **kwargs):
-        group = super().add_argument_group(*args, **kwargs)
+        return self._keeping(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *args, **kwargs):
+        return self._keeping(super().add_mutually_exclusive_group(*args, **kwargs))
+
+    def _keeping(self, group):
         add = group.add_argument
         group.add_argument = lambda *a, **k: self._keep(add(*a, **k))
         return group

@@ -233,3 +233,17 @@ def test_a_round_into_home_is_written_there_whole(ray_local, tiny_models, shard,
     assert main(run_args(tiny_models, shard, "~/round", "--batch-size", "4")) == 0
     assert (home / "round" / "manifest.json").exists() and (home / "round" / "plan.json").exists()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_training_config_may_give_epochs_where_it_would_give_steps(tmp_path, capsys):
+    """``--steps`` and ``--epochs`` exclude each other on the command line; a config file
+    takes either, typed as its flag."""
+    config = write(tmp_path, 'epochs = 2.4\nsamples = "pairs"')
+    assert main(["pretrain", "--config", str(config), "--init", "scratch:m", "--data", "d",
+                 "--output", "o", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["epochs"], printed["steps"], printed["samples"]) == (2.4, 0, "pairs")
+    config = write(tmp_path, 'epochs = "two"')
+    assert main(["pretrain", "--config", str(config), "--init", "scratch:m", "--data", "d",
+                 "--output", "o", "--dry-run"]) == 2
+    assert "epochs = 'two' is not a valid float" in capsys.readouterr().err
