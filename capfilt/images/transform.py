@@ -59,6 +59,11 @@ class ImageTransform:
         """The CPU half: uint8 (3, height, width). A quarter of float32's bytes to hold and to
         copy to the GPU, where ``normalize`` runs on the whole batch."""
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return self.resize_pixels(pixels)
+
+    def resize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``resize`` of decoded uint8 (3, H, W) pixels: the JPEG decoder in torch
+        (``capfilt.images.torch_jpeg``) resizes its images here, on their device."""
         if self.shortest_edge is None:
             target = [self.height, self.width]
         else:
@@ -99,6 +104,8 @@ def _resize_uint8(pixels: torch.Tensor, size: list[int], mode: str) -> torch.Ten
     channels, height, width = pixels.shape
     if [height, width] == list(size):
         return pixels
+    if pixels.device.type != "cpu":
+        return _resize_float(pixels, size, mode)
     image = pixels.reshape(1, channels, height, width)
     strides = image.stride()
     if image.is_contiguous(memory_format=torch.channels_last) and image.numel() != strides[0]:
@@ -111,6 +118,22 @@ def _resize_uint8(pixels: torch.Tensor, size: list[int], mode: str) -> torch.Ten
     if not native:
         out = out.round_().to(torch.uint8)
     return out.reshape(channels, *size)
+
+
+def _resize_float(pixels: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:
+    """The resize on a GPU, through float32 (CUDA's antialiased resize takes no uint8). As
+    torch's uint8 kernel does, the width first, then the height, rounded and clamped to uint8
+    in between: one float pass clamps only at the end, and overshoot at sharp edges then
+    differs by up to 12 levels; these two passes stay within 2 (tests/test_torch_jpeg.py)."""
+    image = pixels.unsqueeze(0).to(torch.float32)
+    smooth = mode in ("bilinear", "bicubic")
+    steps = [[image.shape[2], size[1]], list(size)] if smooth else [list(size)]
+    for step in steps:
+        if list(image.shape[2:]) != step:
+            image = F.interpolate(image, size=step, mode=mode,
+                                  align_corners=False if smooth else None, antialias=smooth)
+            image = image.round_().clamp_(0, 255)
+    return image.to(torch.uint8)[0]
 
 
 def _center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
