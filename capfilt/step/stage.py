@@ -21,6 +21,7 @@ from capfilt.captioning.for_checkpoint import make_captioner
 from capfilt.captioning.guards import CaptionGuards, guard
 from capfilt.images.batch_decoding import ProcessDecoder, ThreadDecoder
 from capfilt.images.decode import ImageRejected
+from capfilt.images.torch_jpeg import TorchJpegDecoder
 from capfilt.images.transform import ImageTransform
 from capfilt.models.loading import load_model
 from capfilt.scoring.blip_itm import Scorer
@@ -88,7 +89,7 @@ class CapFiltStage:
     def __init__(self, captioner: Captioner, scorer: Scorer, policy: Policy,
                  caption_transform: ImageTransform, filter_transform: ImageTransform,
                  decode_threads: int = 2, decode_processes: int = 0,
-                 guards: CaptionGuards = CaptionGuards()):
+                 guards: CaptionGuards = CaptionGuards(), jpeg_decoder: str = "pil"):
         self.captioner = captioner
         self.scorer = scorer
         self.policy = policy
@@ -100,6 +101,9 @@ class CapFiltStage:
         self.decoder = (ProcessDecoder(caption_transform, filter_transform, decode_processes)
                         if decode_processes else
                         ThreadDecoder(caption_transform, filter_transform, decode_threads))
+        if jpeg_decoder == "torchvision":  # JPEGs in torch on the captioner's device
+            self.decoder = TorchJpegDecoder(caption_transform, filter_transform,
+                                            str(captioner.device), self.decoder)
         self.max_rows: int | None = None  # lowered when a batch ran out of memory
 
     @classmethod
@@ -123,6 +127,7 @@ class CapFiltStage:
             placement.decode_threads,
             placement.decode_processes,
             config.guards,
+            placement.jpeg_decoder,
         )
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:

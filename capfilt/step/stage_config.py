@@ -46,13 +46,18 @@ class Placement:
     (``workers/worker_pool.py``) from the node the worker lands on, not by the round.
 
     ``decode_processes`` > 0 decodes in that many processes (GPU workers: decode threads take
-    the GIL from the model loop), else in ``decode_threads`` threads."""
+    the GIL from the model loop), else in ``decode_threads`` threads. ``jpeg_decoder``
+    "torchvision" decodes and resizes JPEGs with torch on ``device`` (nvJPEG on a GPU), the
+    rest in those threads or processes (``capfilt/images/torch_jpeg.py``); the pool never picks
+    it yet: whether it is faster is for a GPU to measure."""
 
     device: str = "cpu"
     decode_threads: int = 2
     decode_processes: int = 0
+    jpeg_decoder: str = "pil"
 
     def __post_init__(self):
         check_whole("decode_threads", self.decode_threads, 1)
         check_whole("decode_processes", self.decode_processes, 0)
+        check_choice("jpeg_decoder", self.jpeg_decoder, ("pil", "torchvision"))
 
