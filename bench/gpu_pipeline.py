@@ -234,7 +234,7 @@ def measure(size: str, recipe: str, batch: int, models: dict[str, str], shard: s
         StageConfig(captioner=models["captioner"], filter=models["filter"], sampling=sampling,
                     policy=policy, dtype=args.dtype, attention=args.attention),
         Placement(device=args.device, decode_threads=args.decode_threads,
-                  decode_processes=args.decode_processes))
+                  decode_processes=args.decode_processes, jpeg_decoder=args.jpeg_decoder))
     weights = torch.cuda.memory_allocated() if cuda else None
     table = read_shard(shard).table.slice(0, batch)
     stage.prepare(table)  # warms the decode threads and the pinned-memory cache
@@ -280,7 +280,7 @@ def measure(size: str, recipe: str, batch: int, models: dict[str, str], shard: s
     figures = {
         "model": size, "recipe": recipe, "texts_per_image": 1 + sampling.num_captions,
         "attention": args.attention, "compiled_vision": args.compile,
-        "decode_processes": args.decode_processes,
+        "decode_processes": args.decode_processes, "jpeg_decoder": args.jpeg_decoder,
         "first_compiled_batch_seconds": compile_s,
         "batch_size": batch, "batch_after_oom_backoff": stage.max_rows,
         "timed_batches": args.batches, "warmup_batches": args.warmup,
@@ -371,6 +371,9 @@ def main() -> None:
                              "gets); 0 decodes in threads")
     parser.add_argument("--decode-threads", type=int, default=6,
                         help="JPEG decode threads, with --decode-processes 0 (the A/B)")
+    parser.add_argument("--jpeg-decoder", default="pil", choices=["pil", "torchvision"],
+                        help="torchvision: JPEGs decoded and resized on the device "
+                             "(capfilt/images/torch_jpeg.py), the rest as above")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the card's bf16 dense peak; default from the device name")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/gpu-<card>.json)")
