@@ -13,11 +13,13 @@ import argparse
 import datetime
 import io
 import json
+import os
 import platform
 import random
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +135,8 @@ def main() -> None:
             "demo_world_64": world_images(args.images)}
     figures = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": commit, "machine": machine(), "device": args.device,
-               "torch": torch.__version__, "python": sys.version.split()[0],
+               "torch": torch.__version__, "torchvision": version("torchvision"),
+               "pillow": version("pillow"), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "threads": 1, "repeats": args.repeats, "sets": {}}
     for name, datas in sets.items():
         figures["sets"][name] = {"images": len(datas), "pixels": differences(datas),
