@@ -124,7 +124,7 @@ def _resize_float(pixels: torch.Tensor, size: list[int], mode: str) -> torch.Ten
     """The resize on a GPU, through float32 (CUDA's antialiased resize takes no uint8). As
     torch's uint8 kernel does, the width first, then the height, rounded and clamped to uint8
     in between: one float pass clamps only at the end, and overshoot at sharp edges then
-    differs by up to 12 levels; these two passes stay within 2 (tests/test_torch_jpeg.py)."""
+    differs by up to 11 levels; these two passes stay within 2 (tests/test_torch_jpeg.py)."""
     image = pixels.unsqueeze(0).to(torch.float32)
     smooth = mode in ("bilinear", "bicubic")
     steps = [[image.shape[2], size[1]], list(size)] if smooth else [list(size)]
