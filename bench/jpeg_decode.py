@@ -61,13 +61,13 @@ def rows(datas: list[bytes]) -> list[dict]:
             for i, d in enumerate(datas)]
 
 
-def differences(datas: list[bytes]) -> dict:
-    """Max and mean |difference| of normalised pixels, torch path against the PIL path: as
-    decoded and resized on the CPU, and with the GPU's float32 resize run on the CPU."""
+def differences(datas: list[bytes], device: str) -> dict:
+    """Max and mean |difference| of normalised pixels against the PIL path: the torch path as
+    it runs on ``device`` (nvJPEG on a GPU), and the GPU's float32 resize run on the CPU."""
     pil = ThreadDecoder(BLIP, BLIP, 1)
     expected = BLIP.normalize(pil(rows(datas), False).caption_pixels)
-    torch_path = TorchJpegDecoder(BLIP, BLIP, "cpu", pil)
-    got = BLIP.normalize(torch_path(rows(datas), False).caption_pixels)
+    torch_path = TorchJpegDecoder(BLIP, BLIP, device, pil)
+    got = BLIP.normalize(torch_path(rows(datas), False).caption_pixels.cpu())
     from torchvision.io import ImageReadMode, decode_jpeg
 
     decoded = [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
@@ -75,7 +75,7 @@ def differences(datas: list[bytes]) -> dict:
     as_gpu = torch.stack([_resize_float(p, [384, 384], "bicubic") for p in decoded])
     as_cpu = torch.stack([_resize_uint8(p, [384, 384], "bicubic") for p in decoded])
     out = {}
-    for name, pixels in (("cpu_path", got), ("float_resize", BLIP.normalize(as_gpu))):
+    for name, pixels in ((f"torch_path_{device}", got), ("float_resize", BLIP.normalize(as_gpu))):
         diff = (pixels - expected).abs()
         out[name] = {"max_abs": round(diff.max().item(), 6), "mean_abs": round(
             diff.mean().item(), 8)}
@@ -136,10 +136,11 @@ def main() -> None:
     figures = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": commit, "machine": machine(), "device": args.device,
                "torch": torch.__version__, "torchvision": version("torchvision"),
-               "pillow": version("pillow"), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+               "pillow": version("pillow"), "cpus": os.cpu_count(),
+               "python": sys.version.split()[0],
                "threads": 1, "repeats": args.repeats, "sets": {}}
     for name, datas in sets.items():
-        figures["sets"][name] = {"images": len(datas), "pixels": differences(datas),
+        figures["sets"][name] = {"images": len(datas), "pixels": differences(datas, args.device),
                                  **speeds(datas, args.device, args.repeats)}
         print(name, json.dumps(figures["sets"][name]), flush=True)
     if args.out:
