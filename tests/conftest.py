@@ -8,6 +8,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from capfilt.captioning.blip_decoder import Captioner
@@ -114,3 +117,29 @@ def url_list_round(tmp_path_factory, ray_local, tiny_models):
                      "--write", "webdataset", "--batch-size", "4"])
     assert code == 0
     return work, urls, round_dir
+
+
+# A full disk, for real: a 2 MiB tmpfs mounted for the test (root only).
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    point = tmp_path / "disk"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
+    yield point
+    subprocess.run(["umount", str(point)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros until the disk refuses more."""
+    filler = folder / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler

@@ -14,9 +14,9 @@ import pytest
 
 from capfilt.shards.samples import write_sample_shards
 from pipelines.cli import main
+from tests.conftest import fill, needs_root
 
 SHARDS, ROWS = 6, 32
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 @pytest.fixture(scope="module")
@@ -111,26 +111,6 @@ def test_a_signal_mid_round_ends_in_one_line_and_the_same_command_finishes(
     assert len(list((out / "stats").glob("*.json"))) == SHARDS
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    point = tmp_path / "disk"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
-    yield point
-    subprocess.run(["umount", str(point)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Write zeros until the disk refuses more."""
-    filler = folder / "filler"
-    with filler.open("wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-    return filler
 
 
 @needs_root

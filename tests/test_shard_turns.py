@@ -2,8 +2,6 @@
 worker runs them: the next shard is read and decoded while the models run, the last one is
 committed while the next runs the models, and the files are those of one shard at a time."""
 
-import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -14,10 +12,9 @@ from capfilt.rounds.folder import no_space
 from capfilt.shards.samples import write_sample_shards
 from capfilt.step.shard_runner import ShardRun, run_shard
 from capfilt.step.shard_turns import ShardTurns, ShardWithdrawn
-from tests.conftest import make_stage
+from tests.conftest import fill, make_stage, needs_root
 
 WAIT = 60.0  # seconds an event may take before the test says it never came
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +115,6 @@ def test_the_next_shard_is_read_while_the_models_run_and_the_last_committed_afte
     assert files(together) == files(alone)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    point = tmp_path / "disk"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True)
-    yield point
-    subprocess.run(["umount", str(point)], check=False)
-
-
-def fill(folder: Path) -> None:
-    with (folder / "filler").open("wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
 
 
 @needs_root
