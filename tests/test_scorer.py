@@ -1,12 +1,15 @@
 """The filter: per-pair ITM and ITC equal Hugging Face's, with one vision pass per image."""
 
+import itertools
+
 import pytest
 import torch
 
 from capfilt.scoring.blip_itm import MAX_TEXT_TOKENS, Scorer, pad_right
 
 
-@pytest.mark.parametrize("text_batch", [256, 1])  # padded chunks; one text, no padding
+# one chunk sorted by length; length buckets of 2 across images; one text, no padding
+@pytest.mark.parametrize("text_batch", [256, 2, 1])
 @pytest.mark.parametrize("itm_token", ["cls", "enc"])
 def test_scores_equal_transformers_per_pair(loaded, itm_token, text_batch):
     """'cls' is HF's forward as it is; 'enc' is HF's forward with BLIP's [ENC] first."""
@@ -87,3 +90,24 @@ def test_chunks_are_padded_as_the_tokenizer_pads_them(loaded):
     got_ids, got_mask = pad_right(ids, tokenizer.pad_token_id)
     assert torch.equal(got_ids, expected.input_ids)
     assert torch.equal(got_mask, expected.attention_mask)
+
+
+def test_length_buckets_give_each_text_its_own_scores(loaded):
+    """Texts are scored sorted by token length and put back: each score must be its own text's
+    and image's, as scoring the text alone, in a call of its own, gives it."""
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    # lengths run against the owners' order, so sorting moves every text
+    texts = [["the sky " * 20, "a dog on a red sofa"], ["a small house by the sea", "cat"],
+             ["two birds", "a"], ["an old man with a long white beard", "sea " * 30]]
+    scorer = Scorer(loaded["filter"], text_batch_size=3)
+    itm, itc = scorer(images, texts)
+    alone = [[scorer(images[i : i + 1], [[text]]) for text in group]
+             for i, group in enumerate(texts)]
+    alone_itm = [[pair[0][0][0] for pair in group] for group in alone]
+    alone_itc = [[pair[1][0][0] for pair in group] for group in alone]
+    for got, want in ((itm, alone_itm), (itc, alone_itc)):
+        flat = [score for group in want for score in group]
+        # any two texts' scores lie further apart than the tolerance: a swap would show
+        assert min(abs(a - b) for a, b in itertools.combinations(flat, 2)) > 2e-6
+        for got_group, want_group in zip(got, want):
+            assert got_group == pytest.approx(want_group, abs=1e-6)

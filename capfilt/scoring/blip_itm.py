@@ -79,27 +79,37 @@ class Scorer:
         # chunk.
         ids = self.tokenizer(cut_texts(flat, self.max_text_tokens), truncation=True,
                              max_length=self.max_text_tokens).input_ids
+        # Length buckets: texts sorted by token count (stable), chunked, each chunk padded to
+        # its own longest, scores put back in the texts' order at the end. Web alt-text runs
+        # from a few tokens to the 35-token cut; unsorted, a chunk pads to its longest text.
+        order = sorted(range(len(flat)), key=lambda k: len(ids[k]))
         itm_parts, itc_parts = [], []
         for start in range(0, len(flat), self.text_batch_size):
-            chunk_owners = owners[start : start + self.text_batch_size]
-            chunk_ids = ids[start : start + self.text_batch_size]
+            picked = order[start : start + self.text_batch_size]
+            chunk_owners = [owners[k] for k in picked]
+            chunk_ids = [ids[k] for k in picked]
             tokens, mask = (to_device(t, self.device) for t in
                             pad_right(chunk_ids, self.tokenizer.pad_token_id))
-            padded = min(map(len, chunk_ids)) < max(map(len, chunk_ids))
+            padded = len(chunk_ids[0]) < len(chunk_ids[-1])  # sorted: shortest first
             mask = padding_bias(mask, self.dtype) if padded else None
             index = to_device(torch.tensor(chunk_owners), self.device)
             if uses_sdpa(self.model):  # the image tokens' cross-attention K/V once per image
-                # owners ascend: this chunk's images are one slice, and only theirs are projected
-                first, last = chunk_owners[0], chunk_owners[-1]
-                images = image_embeds[first : last + 1]
-                with image_kv_once(self.model.text_encoder, images, index - first) as per_text:
+                # only this chunk's images are projected, each once
+                mine = sorted(set(chunk_owners))
+                local = {owner: n for n, owner in enumerate(mine)}
+                images = image_embeds[to_device(torch.tensor(mine), self.device)]
+                per_image = to_device(torch.tensor([local[o] for o in chunk_owners]), self.device)
+                with image_kv_once(self.model.text_encoder, images, per_image) as per_text:
                     itm, itc = self._score_chunk(tokens, mask, per_text, image_feat[index])
             else:
                 itm, itc = self._score_chunk(tokens, mask, image_embeds[index], image_feat[index])
             itm_parts.append(itm)
             itc_parts.append(itc)
-        # one copy to the host for the batch
-        itm_flat, itc_flat = torch.stack([torch.cat(itm_parts), torch.cat(itc_parts)]).tolist()
+        # one copy to the host for the batch, in the texts' order
+        sorted_scores = torch.stack([torch.cat(itm_parts), torch.cat(itc_parts)])
+        scores = torch.empty_like(sorted_scores)
+        scores[:, to_device(torch.tensor(order), self.device)] = sorted_scores
+        itm_flat, itc_flat = scores.tolist()
         return _regroup(itm_flat, texts), _regroup(itc_flat, texts)
 
     def _score_chunk(self, tokens: torch.Tensor, mask: torch.Tensor | None, embeds: torch.Tensor,
