@@ -90,7 +90,8 @@ def timed(fn, *args) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--unsorted", default="main", help="revision of the unsorted scorer")
+    parser.add_argument("--unsorted", default="089c226",
+                        help="revision of the unsorted scorer (the last before buckets)")
     parser.add_argument("--buckets", default="162ffb8", help="revision of the bucketed scorer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out")
