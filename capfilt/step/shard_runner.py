@@ -192,6 +192,8 @@ def overlapped(stage: CapFiltStage, table: pa.Table, batch_size: int, spent: dic
 
 
 def _timed_compute(stage: CapFiltStage, prepared, spent: dict):
+    if not len(prepared):  # every row was rejected while decoding: no model runs, none timed
+        return stage.compute(prepared)
     started = time.perf_counter()
     out = stage.compute(prepared)
     spent["model"] += time.perf_counter() - started
