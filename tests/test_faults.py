@@ -225,7 +225,9 @@ def test_the_driver_killed_mid_round_then_rerun_gives_the_uninterrupted_output(
     driver = subprocess.Popen(command, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (out / "stats" / "00001.json").exists())
+        # Two committed, whichever: with two shards in flight the second may reach the models,
+        # and its commit, first.
+        wait_for(lambda: len(list((out / "stats").glob("*.json"))) >= 2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
