@@ -8,8 +8,9 @@
     table.md, table.json, manifest.json                  written last
 
 Every step writes its own manifest naming its parents and is skipped when run again after it
-finished, so a killed bootstrap continues where it stopped. With ``parallel`` > 1, a round's
-model and the ablation models, which do not depend on each other, train side by side.
+finished, so a killed bootstrap continues where it stopped. With ``parallel`` > 1, what does
+not depend on each other trains side by side: a model's two fine-tunes, and a round's model
+with the ablation models.
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def train_model(cfg: BootstrapConfig, folder: Path, data: list[str],
     zero_shot = cfg.eval.models == "pretrained"
     models = dict(pretrained)
     if feeds_a_round or not zero_shot:
-        train_step(cfg.finetune_captioner, "captioner", str(folder / "pretrain"),
-                   list(cfg.clean), folder / "captioner")
-        train_step(cfg.finetune_filter, "filter", str(folder / "pretrain"), list(cfg.clean),
-                   folder / "filter")
+        # Neither fine-tune needs the other: side by side when the bootstrap runs trainings so.
+        run_side_by_side([
+            partial(train_step, cfg.finetune_captioner, "captioner", str(folder / "pretrain"),
+                    list(cfg.clean), folder / "captioner"),
+            partial(train_step, cfg.finetune_filter, "filter", str(folder / "pretrain"),
+                    list(cfg.clean), folder / "filter"),
+        ], cfg.parallel)
         models = {"captioner": str(folder / "captioner" / "captioner"),
                   "filter": str(folder / "filter" / "filter")}
     evaluated = pretrained if zero_shot else models

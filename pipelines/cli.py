@@ -73,6 +73,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CommandParser]]:
     demo.add_argument("--quick", action="store_true",
                       help="a small world and few steps: the machinery in a couple of minutes")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--parallel", type=int, metavar="N",
+                      help="trainings side by side, the cores split between them (default: 3, "
+                           "or 1 with --quick, whose trainings take less than starting processes)")
 
     report = commands.add_parser(
         "report", help="write ROUND/report.html: score histograms, kept fractions, samples",
@@ -194,7 +197,7 @@ def command_run(args) -> int:
 def command_demo(args) -> int:
     from pipelines.demo import run_demo
 
-    summary = run_demo(args.output, quick=args.quick, seed=args.seed)
+    summary = run_demo(args.output, quick=args.quick, seed=args.seed, parallel=args.parallel)
     print(summary["text"], end="")
     print(f"written: {args.output}/demo.md, demo.json; bootstrap in {args.output} "
           f"({summary['timings']['wall_seconds']:.0f}s)")

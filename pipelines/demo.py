@@ -69,8 +69,9 @@ LOADER_WORKERS = 0
 SHUFFLE_BUFFER = 16384
 
 
-def write_demo(output: Path, quick: bool, seed: int) -> Path:
-    """World, blank models and ``bootstrap.toml`` under ``output``; returns the config path."""
+def write_demo(output: Path, quick: bool, seed: int, parallel: int | None = None) -> Path:
+    """World, blank models and ``bootstrap.toml`` under ``output`` (``parallel``: trainings side
+    by side, the profile's unless given); returns the config path."""
     profile = PROFILES["quick" if quick else "full"]
     world = build_world(output / "world", WorldSpec(seed=seed, **profile["world"]))
     if not (output / "blank" / "filter").exists():
@@ -95,7 +96,7 @@ init = "scratch:blank"
 rounds = 1
 ablation = true
 seed = {seed}
-parallel = {profile["parallel"]}
+parallel = {parallel or profile["parallel"]}
 
 [pretrain]
 {step(profile["pretrain"], True)}
@@ -125,7 +126,8 @@ judge = "world:{world.truth}"
     return path
 
 
-def run_demo(output: str, quick: bool = False, seed: int = 0) -> dict:
+def run_demo(output: str, quick: bool = False, seed: int = 0,
+             parallel: int | None = None) -> dict:
     from capfilt.world.audit import audit_round
     from pipelines.bootstrap import format_table, run_bootstrap
     from pipelines.bootstrap_config import load_bootstrap_config
@@ -133,7 +135,7 @@ def run_demo(output: str, quick: bool = False, seed: int = 0) -> dict:
 
     root = Path(output).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    config = load_bootstrap_config(write_demo(root, quick, seed))
+    config = load_bootstrap_config(write_demo(root, quick, seed, parallel))
     manifest = run_bootstrap(config)
     audit = audit_round(root / "round-1" / "capfilt", root / "world" / "truth")
     calibration = calibrate_demo(root, root / "round-1" / "capfilt", root / "world" / "truth",

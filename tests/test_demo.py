@@ -19,14 +19,14 @@ STEP_MANIFESTS = [
 ]
 
 
-def demo(out: Path, capsys) -> str:
+def demo(out: Path, capsys, *flags: str) -> str:
     """``capfilt demo --quick`` through the command line's entry, in this process and on the
     tests' Ray (its own process would spend about 15 s importing and starting Ray; test_round
     runs the installed ``capfilt`` in its own process)."""
     from pipelines.cli import main
 
     capsys.readouterr()
-    code = main(["demo", "--quick", "--output", str(out)])
+    code = main(["demo", "--quick", "--output", str(out), *flags])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     return captured.out
@@ -34,7 +34,10 @@ def demo(out: Path, capsys) -> str:
 
 def test_quick_demo_runs_the_bootstrap_and_prints_table_1(ray_local, tmp_path, capsys):
     out = tmp_path / "demo"
-    printed = demo(out, capsys)
+    # Two trainings at a time, as the full demo runs them: round 0's fine-tunes side by side,
+    # then round 1's model and the ablation models, each in a spawned process.
+    printed = demo(out, capsys, "--parallel", "2")
+    assert load_bootstrap_config(out / "bootstrap.toml").parallel == 2
     for row in ("no CapFilt", "filter only", "captioner only", "CapFilt (both)"):
         assert f"| {row} |" in printed
     assert "precision" in printed and "web captions kept by kind" in printed
