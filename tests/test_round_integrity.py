@@ -36,14 +36,17 @@ def same_length_caption(table: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=table.schema)
 
 
-@pytest.fixture
-def inputs(img2dataset_parquet, tmp_path):
+def plain_inputs(img2dataset_parquet: Path, folder: Path) -> Path:
     """Two input shards of our own: 00000 written plain (so it can change at the same size)."""
-    folder = tmp_path / "in"
     folder.mkdir()
     write_plain(pq.read_table(img2dataset_parquet / "00000.parquet"), folder / "00000.parquet")
     shutil.copy(img2dataset_parquet / "00001.parquet", folder / "00001.parquet")
     return folder
+
+
+@pytest.fixture
+def inputs(img2dataset_parquet, tmp_path):
+    return plain_inputs(img2dataset_parquet, tmp_path / "in")
 
 
 def test_a_changed_input_shard_runs_again(ray_local, tiny_models, inputs, tmp_path):
@@ -135,12 +138,28 @@ def test_a_plan_without_model_hashes_is_read_and_given_them(own_models, inputs, 
     assert json.loads((out / "plan.json").read_text())["weights_sha256"] == hashes
 
 
-@pytest.fixture
-def finished(ray_local, tiny_models, inputs, tmp_path):
-    out = tmp_path / "round"
+@pytest.fixture(scope="module")
+def finished_round(ray_local, tiny_models, img2dataset_parquet, tmp_path_factory):
+    """One finished round over its own inputs, run once for the tests below (a round costs a
+    worker start, seconds); returns (round folder, inputs folder)."""
+    work = tmp_path_factory.mktemp("finished")
+    inputs = plain_inputs(img2dataset_parquet, work / "in")
+    out = work / "round"
     manifest = run_round(options(tiny_models, [inputs], out, workers=1, write=("webdataset",)))
     assert manifest.status == "complete"
-    return out
+    return out, inputs
+
+
+@pytest.fixture
+def finished(finished_round, tmp_path):
+    """A copy of the finished round per test: tests change what is in it."""
+    return Path(shutil.copytree(finished_round[0], tmp_path / "round"))
+
+
+@pytest.fixture
+def finished_inputs(finished_round):
+    """The inputs the finished round read (a rerun over other paths would be refused)."""
+    return finished_round[1]
 
 
 def test_a_moved_round_folder_validates_and_reports_itself(finished, tmp_path, monkeypatch,
@@ -167,14 +186,14 @@ def test_a_moved_round_folder_validates_and_reports_itself(finished, tmp_path, m
 
 
 def test_an_older_manifest_with_working_folder_paths_validates_from_its_folder(
-    finished, tmp_path, monkeypatch
+    finished, finished_inputs, monkeypatch
 ):
     data = json.loads((finished / "manifest.json").read_text())
     for shard in data["shards"]:  # as an earlier capfilt wrote them: relative to its cwd
         for part in ("output", "rejects", "webdataset"):
             shard[part] = f"runs/round/{shard[part]}"
     (finished / "manifest.json").write_text(json.dumps(data))
-    monkeypatch.chdir(tmp_path / "in")
+    monkeypatch.chdir(finished_inputs)
     assert main(["validate", str(finished)]) == 0
     assert main(["report", str(finished)]) == 0
 
@@ -191,7 +210,8 @@ write_parquet_atomic(sys.argv[1], pa.table({"jpg": [noise]}))
 """
 
 
-def test_a_writer_killed_mid_write_leaves_nothing_a_reader_sees(finished, tiny_models, inputs):
+def test_a_writer_killed_mid_write_leaves_nothing_a_reader_sees(finished, tiny_models,
+                                                                finished_inputs):
     """The kernel stops a writer at its file size limit (SIGXFSZ), as a worker dies mid-write:
     the partial file it leaves is skipped by pyarrow's dataset reader, then swept by the next
     run once it is stale."""
@@ -204,10 +224,12 @@ def test_a_writer_killed_mid_write_leaves_nothing_a_reader_sees(finished, tiny_m
                   and p.name != "00001.parquet"]
     assert 0 < leftover.stat().st_size <= 1 << 20
     assert pq.read_table(finished / "shards").equals(before)
-    plan_round(options(tiny_models, [inputs], finished, workers=1, write=("webdataset",)))
+    plan_round(options(tiny_models, [finished_inputs], finished, workers=1,
+                       write=("webdataset",)))
     assert leftover.exists()  # fresh: it may be another driver's write in flight
     hour_ago = time.time() - 3600
     os.utime(leftover, (hour_ago, hour_ago))
-    plan = plan_round(options(tiny_models, [inputs], finished, workers=1, write=("webdataset",)))
+    plan = plan_round(options(tiny_models, [finished_inputs], finished, workers=1,
+                              write=("webdataset",)))
     assert not leftover.exists() and plan.todo == []
     assert main(["validate", str(finished)]) == 0
