@@ -1,7 +1,7 @@
 """The demo in a world whose true web captions are mostly partial, as real alt-text is.
 
     python bench/alt_text_demo.py RUN --seed N [--complete 0.15] [--partial 0.45]
-    python bench/alt_text_demo.py RUN --probe
+    python bench/alt_text_demo.py RUN --probe [--out FILE.json]
     python bench/demo_seeds.py RUN0 RUN1 RUN2 --out FILE.json
 
 The demo's web set is 60% true and complete captions, 40% wrong. Real alt-text is mostly true
@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +99,20 @@ def main() -> None:
     parser.add_argument("--partial", type=float, default=0.45)
     parser.add_argument("--probe", action="store_true",
                         help="score partial forms with RUN's round-0 filter instead")
+    parser.add_argument("--out", type=Path, help="with --probe: write its figures here (JSON)")
     args = parser.parse_args()
     if args.probe:
         result = probe(args.run)
         for name, figures in result.items():
             print(f"{name:18s} kept at ITM >= 0.5: {figures['kept']:.3f}, "
                   f"median ITM {figures['median_itm']}")
-        (args.run / "alt_text_probe.json").write_text(json.dumps(result, indent=2) + "\n")
+        if args.out:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=ROOT).stdout.strip()
+            report = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
+                      "machine": platform.processor() or platform.machine(),
+                      "run": str(args.run), "images": 400, "forms": result}
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
         return
     print(run(str(args.run), args.seed, args.complete, args.partial)["text"])
 
