@@ -1,6 +1,6 @@
 """Is CapFilt's gain its content, or the steps its extra pairs buy? (BLIP's Table 12)
 
-    python bench/equal_steps.py RUN [RUN ...] [--steps 418 800] [--out FILE.json]
+    python bench/equal_steps.py RUN [RUN ...] [--steps 418 800] [--views ...] [--out FILE.json]
 
 Each RUN is a folder that ``capfilt demo --seed N --output RUN`` finished. BLIP pre-trains every
 Table 1 row for the same epochs over its (image, text) pairs, so CapFilt's row (kept web and
@@ -9,8 +9,9 @@ CapFilt's count and found no gain, so its CapFilt gain is the texts, not the ste
 rows' data (the round's ``kept_web`` and ``kept`` views, each with the clean set, read as pairs)
 are pre-trained again for the same number of steps, for each ``--steps`` (default: the steps
 the demo's CapFilt row took), into ``RUN/variants/equal-steps/STEPS/VIEW``, and evaluated as the
-demo's rows are. Prints them beside the demo's rows, per seed and as means; a shared pool of
-``--parallel`` processes (default 2) runs the trainings.
+demo's rows are. ``--views`` adds captioner only's data (``web_and_synthetic``). Prints them
+beside the demo's rows, per seed and as means; a shared pool of ``--parallel`` processes
+(default 2) runs the trainings; a training or evaluation already finished there is not run again.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pipelines.bootstrap import table_row, train_model  # noqa: E402
 from pipelines.bootstrap_config import load_bootstrap_config  # noqa: E402
 from pipelines.side_by_side import run_side_by_side  # noqa: E402
 
-VIEWS = {"kept_web": "filter only", "kept": "CapFilt (both)"}
+VIEWS = {"kept_web": "filter only", "web_and_synthetic": "captioner only",
+         "kept": "CapFilt (both)"}
 
 
 def capfilt_steps(run: Path) -> int:
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--steps", nargs="+", type=int, help="default: the CapFilt row's")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--views", nargs="+", choices=list(VIEWS), default=["kept_web", "kept"],
+                        help="the rows to train again (default: filter only and CapFilt)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (.md beside)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -64,7 +68,7 @@ def main() -> None:
     began = time.perf_counter()
     runs = [run.resolve() for run in args.runs]
     plan = [(run, view, steps) for run in runs for steps in (args.steps or [capfilt_steps(run)])
-            for view in VIEWS]
+            for view in args.views]
     done = run_side_by_side([partial(train_row, *item) for item in plan], args.parallel)
     results = []
     for run in runs:

@@ -158,7 +158,9 @@ def describe_audit(audit: dict) -> str:
     return (
         f"\nfilter on web captions (hidden truth): precision {f['precision']}, recall "
         f"{f['recall']}; dropped {f['wrong_web_dropped']} of the wrong ones, kept "
-        f"{f['right_web_kept']} of the right ones\n"
+        f"{f['right_web_kept']} of the right ones"
+        + (f", kept {f['partial_web_kept']} of the partial ones" if f.get("partial_web_kept")
+           is not None else "") + "\n"
         f"web captions kept by kind: {_kept_of(audit['web_kept_by_kind'])}\n"
         f"one-attribute web errors kept, by attribute: {_kept_of(audit['attribute_errors_kept'])}\n"
         f"synthetic captions stating their image correctly: {s['correct']} of all, "

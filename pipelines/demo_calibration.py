@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from capfilt.calibration.record import calibrate_round, write_record
 from capfilt.calibration.thresholds import shortest_cut
 from capfilt.world.build import load_web_noise
+from capfilt.world.noise import TRUE_KINDS
 
 LABELS = 300  # web captions an auditor labels (at most half the round's, in --quick)
 TARGET_PRECISION = 0.95
@@ -34,15 +35,16 @@ def write_labels(round_dir: Path, truth: Path, path: Path, size: int, seed: int)
         writer = csv.writer(handle)
         writer.writerow(["key", "source", "label"])
         for key in chosen:
-            writer.writerow([key, "web", "right" if noise[key] == "correct" else "wrong"])
+            writer.writerow([key, "web", "right" if noise[key] in TRUE_KINDS else "wrong"])
     return len(chosen)
 
 
 def on_all_web(round_dir: Path, truth: Path) -> tuple[list[float], list[bool]]:
-    """Every web caption's ITM score and truth (right when the world wrote it correct)."""
+    """Every web caption's ITM score and truth (right when the world wrote it true: correct,
+    or partial, which an auditor asked "is this caption right for its image?" would pass)."""
     noise = load_web_noise(truth)
     table = pq.read_table(round_dir / "shards", columns=["key", "web_itm"])
-    pairs = [(s, noise[k] == "correct") for k, s in zip(table.column("key").to_pylist(),
+    pairs = [(s, noise[k] in TRUE_KINDS) for k, s in zip(table.column("key").to_pylist(),
                                                          table.column("web_itm").to_pylist())
              if s is not None]
     return [s for s, _ in pairs], [r for _, r in pairs]

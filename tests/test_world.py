@@ -37,10 +37,13 @@ from capfilt.world import (
 )
 from capfilt.world.audit import caption_error
 from capfilt.world.build import world_rng
-from capfilt.world.noise import filename_text, generic_text, spam_text
+from capfilt.world.noise import NoiseMix, filename_text, generic_text, partial_text, spam_text
+from capfilt.world.scene import COLOURS, SHAPES, SIZES
 from capfilt.world.render import COLOUR_RGB, place
 
-SPEC = WorldSpec(seed=3, n_clean=40, n_web=200, n_test=42, rows_per_shard=64)
+# Every noise kind, partial captions included (the default mix has none).
+SPEC = WorldSpec(seed=3, n_clean=40, n_web=200, n_test=42, rows_per_shard=64,
+                 noise=NoiseMix(correct=0.4, partial=0.2))
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +157,29 @@ def test_noise_counts_are_exact():
         for kind, p in NOISE_MIX.as_dict().items():
             assert abs(counts[kind] - n * p) < 1
     assert noise_counts(6000) == {"correct": 3600, "swapped": 720, "attribute": 720,
-                                  "spam": 480, "filename": 240, "generic": 240}
+                                  "spam": 480, "filename": 240, "generic": 240, "partial": 0}
     assert abs(NOISE_MIX.wrong - 0.40) < 1e-9
+    assert abs(NoiseMix(correct=0.3, partial=0.3).wrong - 0.40) < 1e-9
+
+
+def test_partial_captions_are_true_but_never_a_whole_scene():
+    """Alt-text that says less than the picture: every attribute it names is the scene's, in
+    the grammar's words and order, and it never parses as a scene."""
+    rng = random.Random(5)
+    vocab = set(vocabulary())
+    for _ in range(300):
+        scene = random_scene(rng, 0.5)
+        text = partial_text(scene, rng)
+        assert parse(text) is None and set(words(text)) <= vocab
+        stated = text.removesuffix(f" on a {scene.background} background").split(" and ")
+        assert len(stated) == len(scene.objects)
+        for phrase, obj in zip(stated, scene.objects):
+            named = phrase.split()
+            assert named[0] == "a" and obj.shape in named
+            kept = [w for w in named[1:] if w in (obj.size, obj.colour, obj.shape)]
+            assert kept == [v for v in (obj.size, obj.colour, obj.shape) if v in named]
+            assert not set(named) & (set(SIZES + COLOURS + SHAPES) - {obj.size, obj.colour,
+                                                                        obj.shape})
 
 
 # Pictures
@@ -253,6 +277,8 @@ def test_web_noise_is_exact_and_of_the_stated_kind(world):
             assert read is not None and read != scene
         elif kind == "attribute":
             assert read is not None and len(differing_attributes(read, scene)) == 1
+        elif kind == "partial":
+            assert read is None and caption.split()[0] == "a", caption
         else:
             assert read is None, (kind, caption)
 
@@ -282,3 +308,42 @@ def test_test_scenes_are_distinct_with_one_attribute_distractors(world):
         base, *variants = group
         for variant in variants:
             assert len(differing_attributes(base, variant)) == 1
+
+
+def test_the_audit_counts_partial_web_captions_apart_from_right_and_wrong(world, tmp_path):
+    """A round over the world's web set, written as a filter that kept every true web caption
+    (complete or partial) and the first four wrong ones, and a captioner that wrote each
+    image's true caption: partial captions are neither in the filter's recall nor against its
+    precision, have their own kept share, and are no noise in what a row trains on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capfilt.world.audit import audit_round
+    from capfilt.world.build import load_scenes
+
+    noise, scenes = load_web_noise(world.truth), load_scenes(world.truth)
+    wrong_kept = [k for k, kind in sorted(noise.items()) if kind not in ("correct", "partial")][:4]
+    rows = []
+    for row in shard_rows(world.web):
+        key, web = row["key"], row["caption"]
+        true = describe(scenes[key], template=0)
+        keep_web = noise[key] in ("correct", "partial") or key in wrong_kept
+        rows.append({"key": key, "web_caption": web, "synthetic_captions": [true],
+                     "synthetic_guard": [None],
+                     "kept_captions": [web, true] if keep_web else [true],
+                     "kept_sources": ["web", "synthetic"] if keep_web else ["synthetic"]})
+    (tmp_path / "round" / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "round" / "shards" / "00000.parquet")
+
+    audit = audit_round(tmp_path / "round", world.truth)
+    counts = noise_counts(SPEC.n_web, SPEC.noise)
+    wrong = SPEC.n_web - counts["correct"] - counts["partial"]
+    assert audit["filter"] == {
+        "wrong_web_dropped": round((wrong - 4) / wrong, 4), "right_web_kept": 1.0,
+        "precision": round(counts["correct"] / (counts["correct"] + 4), 4), "recall": 1.0,
+        "partial_web_kept": 1.0}
+    assert audit["web_kept_by_kind"]["partial"] == {"kept": counts["partial"],
+                                                    "of": counts["partial"]}
+    kept_web = counts["correct"] + counts["partial"] + 4
+    assert audit["noise_ratio"]["kept_web"] == round(4 / kept_web, 4)
+    assert audit["synthetic"]["kept_correct"] == 1.0

@@ -1,11 +1,12 @@
 """Judge a CapFilt round of the demo world against its hidden truth (never read by the pipeline).
 
-Figures: the filter's precision and recall on web captions, what share of each noise kind it
-kept (and of the one-attribute errors, by attribute), how many synthetic captions state their
-image correctly (all, and kept) and what the wrong ones get wrong, and the noise ratio of the
-captions each Table 1 training view offers; and how many synthetic captions each caption guard
-set aside, and how many of those stated their image correctly (the guards' defaults are meant
-to set aside none of them).
+Figures: the filter's precision and recall on web captions (a partial caption, true but
+incomplete, counts as neither right nor wrong there: its kept share is its own figure), what
+share of each noise kind it kept (and of the one-attribute errors, by attribute), how many
+synthetic captions state their image correctly (all, and kept) and what the wrong ones get
+wrong, and the noise ratio of the captions each Table 1 training view offers; and how many
+synthetic captions each caption guard set aside, and how many of those stated their image
+correctly (the guards' defaults are meant to set aside none of them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 from capfilt.train.sources import VIEWS, round_captions
 from capfilt.world.build import load_scenes, load_web_noise
 from capfilt.world.grammar import parse
+from capfilt.world.noise import TRUE_KINDS
 from capfilt.world.scene import Scene, differing_attributes
 
 COLUMNS = ["key", "web_caption", "synthetic_captions", "kept_captions", "kept_sources",
@@ -86,12 +88,14 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
                     continue
                 view_total[view] += 1
                 if text == row["web_caption"]:
-                    view_wrong[view] += kind != "correct"
+                    view_wrong[view] += kind not in TRUE_KINDS
                 else:
                     error = errors[text] if text in errors else caption_error(text, scene)
                     view_wrong[view] += error != "right"
-    wrong_total = sum(n for k, n in kinds.items() if k != "correct")
-    wrong_kept = sum(n for k, n in kept_kinds.items() if k != "correct")
+    # Partial captions are true, so not wrong; but not the whole truth either, so not counted
+    # among the right ones the filter should keep: they have their own line.
+    wrong_total = sum(n for k, n in kinds.items() if k not in TRUE_KINDS)
+    wrong_kept = sum(n for k, n in kept_kinds.items() if k not in TRUE_KINDS)
     right_kept = kept_kinds["correct"]
     synthetic, kept_synthetic = sum(synthetic_errors.values()), sum(synthetic_errors_kept.values())
     return {
@@ -101,6 +105,7 @@ def audit_round(round_dir: str | Path, truth: str | Path) -> dict:
             "right_web_kept": _ratio(right_kept, kinds["correct"]),
             "precision": _ratio(right_kept, right_kept + wrong_kept),
             "recall": _ratio(right_kept, kinds["correct"]),
+            "partial_web_kept": _ratio(kept_kinds["partial"], kinds["partial"]),
         },
         "web_kept_by_kind": {k: {"kept": kept_kinds[k], "of": kinds[k]} for k in sorted(kinds)},
         "attribute_errors_kept": _kept_of(attribute_kept, attribute_of),

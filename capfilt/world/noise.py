@@ -3,6 +3,9 @@
 ``NOISE_MIX`` (the default of ``WorldSpec.noise``):
 
     correct    0.60  the true caption
+    partial    0.00  true but incomplete, as most real alt-text is: some attributes only
+                     ("a red ring", "a small square and a large cross", "a triangle on a
+                     black background"); true, so never counted wrong, but never a whole scene
     swapped    0.12  the true caption of another web image whose scene differs
     attribute  0.12  a true caption of the scene with exactly one attribute changed
                      (shape, colour, size, position of a lone object, or background)
@@ -21,8 +24,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, fields
 
-from capfilt.world.grammar import describe, words
-from capfilt.world.scene import Scene, change_one_attribute, random_scene
+from capfilt.world.grammar import WHERE, describe, words
+from capfilt.world.scene import Scene, SceneObject, change_one_attribute, random_scene
 
 SPAM_OPENERS = ("buy cheap", "best", "discount", "free", "top rated", "cheap", "new")
 SPAM_PRODUCTS = ("watches", "shoes", "phones", "sunglasses", "handbags", "tickets", "loans",
@@ -68,6 +71,7 @@ class NoiseMix:
     spam: float = 0.08
     filename: float = 0.04
     generic: float = 0.04
+    partial: float = 0.0
 
     def __post_init__(self) -> None:
         values = list(self.as_dict().values())
@@ -79,10 +83,12 @@ class NoiseMix:
 
     @property
     def wrong(self) -> float:
-        return 1.0 - self.correct
+        return 1.0 - self.correct - self.partial
 
 
 NOISE_KINDS = tuple(f.name for f in fields(NoiseMix))
+# Kinds whose caption is true of its image (a partial one states less than all of it).
+TRUE_KINDS = ("correct", "partial")
 NOISE_MIX = NoiseMix()
 
 
@@ -119,6 +125,29 @@ def generic_text(rng: random.Random) -> str:
     return rng.choice(GENERIC)
 
 
+# What a partial caption keeps of each object, and whether it names the background.
+PARTIAL_FORMS = (
+    ("colour", "shape"),
+    ("size", "shape"),
+    ("colour", "shape", "position"),
+    ("shape", "background"),
+)
+
+
+def _partial_object(obj: SceneObject, form: tuple[str, ...]) -> str:
+    text = "a " + " ".join(getattr(obj, name) for name in ("size", "colour", "shape")
+                           if name in form)
+    return f"{text} {WHERE[obj.position]}" if "position" in form else text
+
+
+def partial_text(scene: Scene, rng: random.Random) -> str:
+    """A true caption of ``scene`` that leaves attributes out (``PARTIAL_FORMS``), as alt-text
+    does; it never states a whole scene, so ``parse`` reads none."""
+    form = rng.choice(PARTIAL_FORMS)
+    objects = " and ".join(_partial_object(o, form) for o in scene.objects)
+    return f"{objects} on a {scene.background} background" if "background" in form else objects
+
+
 def web_caption(kind: str, index: int, scenes: list[Scene], true_captions: list[str],
                 rng: random.Random) -> str:
     """The web caption of image ``index`` of a web set, given its noise kind.
@@ -128,6 +157,8 @@ def web_caption(kind: str, index: int, scenes: list[Scene], true_captions: list[
     scene = scenes[index]
     if kind == "correct":
         return true_captions[index]
+    if kind == "partial":
+        return partial_text(scene, rng)
     if kind == "swapped":
         for _ in range(64):
             other = rng.randrange(len(scenes))
