@@ -34,8 +34,8 @@ def demo(out: Path, capsys, *flags: str) -> str:
 
 def test_quick_demo_runs_the_bootstrap_and_prints_table_1(ray_local, tmp_path, capsys):
     out = tmp_path / "demo"
-    # Two trainings at a time, as the full demo runs them: round 0's fine-tunes side by side,
-    # then round 1's model and the ablation models, each in a spawned process.
+    # Trainings side by side, as the full demo runs them: round 1's model and the ablation
+    # models, two at a time, each in a spawned process.
     printed = demo(out, capsys, "--parallel", "2")
     assert load_bootstrap_config(out / "bootstrap.toml").parallel == 2
     for row in ("no CapFilt", "filter only", "captioner only", "CapFilt (both)"):
