@@ -96,7 +96,7 @@ init = "scratch:blank"
 rounds = 1
 ablation = true
 seed = {seed}
-parallel = {parallel or profile["parallel"]}
+parallel = {profile["parallel"] if parallel is None else parallel}
 
 [pretrain]
 {step(profile["pretrain"], True)}

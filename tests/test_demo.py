@@ -154,3 +154,10 @@ def test_the_gpu_bootstraps_run_their_rounds_in_bfloat16_and_train_as_blip(tmp_p
                      / "blip-base-paper.toml").read_text().replace("batch_size = 2880", "batch_size = 2888"))
     with pytest.raises(BootstrapConfigError, match=r"\[pretrain\] queue_size 57600 is not a multiple"):
         load_bootstrap_config(path)
+
+
+def test_demo_parallel_below_one_is_named(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["demo", "--quick", "--parallel", "0", "--output", str(tmp_path / "d")]) != 0
+    assert "parallel = 0: use 1 or more" in capsys.readouterr().err
