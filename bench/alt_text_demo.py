@@ -29,14 +29,14 @@ sys.path.insert(0, str(ROOT))
 
 WRONG = {"swapped": 0.12, "attribute": 0.12, "spam": 0.08, "filename": 0.04, "generic": 0.04}
 ALL = ("size", "colour", "shape", "position")
-# Which attributes each probed form keeps of an object, and whether it names the background.
+# The attributes each probed form states (``capfilt.world.noise.partial_caption``).
 FORMS = {
-    "whole": (ALL, True),
-    "no background": (ALL, False),
-    "no size": (("colour", "shape", "position"), True),
-    "no position": (("size", "colour", "shape"), True),
-    "no colour": (("size", "shape", "position"), True),
-    "colour and shape": (("colour", "shape"), False),
+    "whole": (*ALL, "background"),
+    "no background": ALL,
+    "no size": ("colour", "shape", "position", "background"),
+    "no position": ("size", "colour", "shape", "background"),
+    "no colour": ("size", "shape", "position", "background"),
+    "colour and shape": ("colour", "shape"),
 }
 
 
@@ -49,17 +49,6 @@ def run(out: str, seed: int, complete: float, partial: float) -> dict:
     return demo.run_demo(out, seed=seed)
 
 
-def form_text(scene, keep: tuple[str, ...], background: bool) -> str:
-    from capfilt.world.grammar import WHERE
-
-    def one(obj) -> str:
-        words = ["a", *(getattr(obj, a) for a in ("size", "colour", "shape") if a in keep)]
-        return " ".join(words) + (f" {WHERE[obj.position]}" if "position" in keep else "")
-
-    text = " and ".join(one(o) for o in scene.objects)
-    return f"{text} on a {scene.background} background" if background else text
-
-
 def probe(run_dir: Path, images: int = 400) -> dict:
     import pyarrow.parquet as pq
     import torch
@@ -69,6 +58,7 @@ def probe(run_dir: Path, images: int = 400) -> dict:
     from capfilt.models.loading import load_model
     from capfilt.scoring.blip_itm import Scorer
     from capfilt.world.build import load_scenes
+    from capfilt.world.noise import partial_caption
 
     loaded = load_model(str(run_dir / "round-0" / "filter" / "filter"), "filter")
     scorer, transform = Scorer(loaded), ImageTransform.from_processor(
@@ -81,7 +71,8 @@ def probe(run_dir: Path, images: int = 400) -> dict:
         part = rows.slice(start, batch).to_pylist()
         pixels = torch.stack([transform(Image.open(io.BytesIO(r["jpg"])).convert("RGB"))
                               for r in part])
-        texts = [[form_text(scenes[r["key"]], *form) for form in FORMS.values()] for r in part]
+        texts = [[partial_caption(scenes[r["key"]], form) for form in FORMS.values()]
+                 for r in part]
         itm, _ = scorer(pixels, texts)
         for row in itm:
             for name, value in zip(FORMS, row):

@@ -140,12 +140,17 @@ def _partial_object(obj: SceneObject, form: tuple[str, ...]) -> str:
     return f"{text} {WHERE[obj.position]}" if "position" in form else text
 
 
+def partial_caption(scene: Scene, form: tuple[str, ...]) -> str:
+    """``scene`` stated with only the attributes named in ``form`` (of size, colour, shape,
+    position for each object, and background), in the grammar's words and order."""
+    objects = " and ".join(_partial_object(o, form) for o in scene.objects)
+    return f"{objects} on a {scene.background} background" if "background" in form else objects
+
+
 def partial_text(scene: Scene, rng: random.Random) -> str:
     """A true caption of ``scene`` that leaves attributes out (``PARTIAL_FORMS``), as alt-text
     does; it never states a whole scene, so ``parse`` reads none."""
-    form = rng.choice(PARTIAL_FORMS)
-    objects = " and ".join(_partial_object(o, form) for o in scene.objects)
-    return f"{objects} on a {scene.background} background" if "background" in form else objects
+    return partial_caption(scene, rng.choice(PARTIAL_FORMS))
 
 
 def web_caption(kind: str, index: int, scenes: list[Scene], true_captions: list[str],
