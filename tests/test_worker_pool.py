@@ -32,6 +32,14 @@ def test_cpu_workers_leave_ray_half_the_cpu_slots_and_share_the_cores():
     assert size_pool({"CPU": 8.0}, workers=4, shards=1).count == 1
 
 
+def test_cpu_workers_get_the_threads_of_the_workers_asked_for_whatever_shards_are_left():
+    """Sums split across other thread counts round otherwise (an ITC score moved by 2e-8 on an
+    AVX2 machine): a rerun with one shard left computes it as the first run did."""
+    assert size_pool({"CPU": 2.0}, workers=2, shards=1).torch_threads == 1
+    assert size_pool({"CPU": 8.0}, workers=4, shards=1).torch_threads == 2
+    assert size_pool({"CPU": 8.0}, workers=None, shards=1).torch_threads == 8
+
+
 def test_cpu_workers_decode_in_processes_only_when_asked():
     assert size_pool({"CPU": 2.0}, None, 1).placement.decode_processes == 0
     assert size_pool({"CPU": 2.0}, None, 1, cpu_decode_processes=2).placement == Placement(

@@ -51,7 +51,8 @@ def size_pool(resources: dict, workers: int | None, shards: int,
               cpu_decode_processes: int = 0) -> PoolSize:
     """The pool for ``shards`` shards on a cluster with ``resources`` (``ray.cluster_resources()``):
     one actor per GPU (at most ``workers``), else ``workers`` CPU actors (default 1), never more
-    than there are shards. CPU actors decode in threads, or in ``cpu_decode_processes``
+    than there are shards, each CPU actor with the cores split among the workers asked for. CPU
+    actors decode in threads, or in ``cpu_decode_processes``
     processes; GPU actors always in processes, as many as the node's cores allow."""
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", os.cpu_count() or 1)
     if gpus:
@@ -60,8 +61,12 @@ def size_pool(resources: dict, workers: int | None, shards: int,
         return PoolSize(min(workers or gpus, shards), 1.0, 1.0, None,
                         Placement(device="cuda", decode_processes=gpu_decoders(cpus, gpus)))
     count = max(1, min(workers or 1, shards))
+    # Torch's threads follow the workers asked for, not the shards left: a sum split over
+    # other threads rounds otherwise, and a rerun of one lost shard must write what the first
+    # run would have (an ITC score moved by 2e-8 on an AVX2 machine when it got both cores).
+    threads = max(1, int(cpus) // max(1, workers or 1))
     # Fractional CPUs: actors must not take every CPU slot from Ray's own tasks.
-    return PoolSize(count, 0.0, min(1.0, cpus / (2 * count)), max(1, int(cpus) // count),
+    return PoolSize(count, 0.0, min(1.0, cpus / (2 * count)), threads,
                     Placement(device="cpu", decode_processes=cpu_decode_processes))
 
 
