@@ -51,9 +51,9 @@ def size_pool(resources: dict, workers: int | None, shards: int,
               cpu_decode_processes: int = 0) -> PoolSize:
     """The pool for ``shards`` shards on a cluster with ``resources`` (``ray.cluster_resources()``):
     one actor per GPU (at most ``workers``), else ``workers`` CPU actors (default 1), never more
-    than there are shards, each CPU actor with the cores split among the workers asked for. CPU
-    actors decode in threads, or in ``cpu_decode_processes``
-    processes; GPU actors always in processes, as many as the node's cores allow."""
+    than there are shards, each CPU actor with the cores split among the workers asked for.
+    CPU actors decode in threads, or in ``cpu_decode_processes`` processes; GPU actors always
+    in processes, as many as the node's cores allow."""
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", os.cpu_count() or 1)
     if gpus:
         # The GPU waits on JPEG decoding unless the node's cores decode for it, in processes:
