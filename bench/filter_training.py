@@ -95,14 +95,17 @@ def main() -> None:
     run = args.run.resolve()
     threshold = load_bootstrap_config(run / "bootstrap.toml").round["threshold"]
     began = time.perf_counter()
-    results = []
+    results, scored = [], set()
     for setting in args.settings:
         pretrain, finetune = (int(n) for n in setting.split(":"))
         models = models_for(run, pretrain, finetune)
         for stage, model in models.items():
-            row = {"pretrain_steps": pretrain,
-                   "finetune_steps": finetune if stage == "fine-tuned" else 0,
-                   "model": stage, **kept_by_kind(run, model, args.images, threshold)}
+            steps = (pretrain, finetune if stage == "fine-tuned" else 0)
+            if steps in scored:  # the pre-trained model of an earlier pair
+                continue
+            scored.add(steps)
+            row = {"pretrain_steps": steps[0], "finetune_steps": steps[1], "model": stage,
+                   **kept_by_kind(run, model, args.images, threshold)}
             results.append(row)
             print(json.dumps(row), flush=True)
     lines = ["| pre-training steps | fine-tuning steps | complete kept | partial kept "
