@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bootstrap_variants import machine  # noqa: E402
 
 WRONG = {"swapped": 0.12, "attribute": 0.12, "spam": 0.08, "filename": 0.04, "generic": 0.04}
 ALL = ("size", "colour", "shape", "position")
@@ -101,7 +102,7 @@ def main() -> None:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=ROOT).stdout.strip()
             report = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
-                      "machine": platform.processor() or platform.machine(),
+                      "machine": machine(),
                       "run": str(args.run), "images": 400, "forms": result}
             args.out.write_text(json.dumps(report, indent=2) + "\n")
         return
