@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,34 +51,43 @@ def run(out: str, seed: int, complete: float, partial: float) -> dict:
     return demo.run_demo(out, seed=seed)
 
 
-def probe(run_dir: Path, images: int = 400) -> dict:
-    import pyarrow.parquet as pq
+def itm_scores(model: Path, rows: list[dict], texts: Callable[[dict], list[str]],
+               batch: int = 64) -> list[list[float]]:
+    """The match probability of each of ``texts(row)`` with the row's image (``jpg``), by the
+    filter at ``model``: one list per row."""
     import torch
     from PIL import Image
 
     from capfilt.images.transform import ImageTransform
     from capfilt.models.loading import load_model
     from capfilt.scoring.blip_itm import Scorer
+
+    loaded = load_model(str(model), "filter")
+    scorer, transform = Scorer(loaded), ImageTransform.from_processor(
+        loaded.processor.image_processor)
+    scores = []
+    for start in range(0, len(rows), batch):
+        part = rows[start:start + batch]
+        pixels = torch.stack([transform(Image.open(io.BytesIO(r["jpg"])).convert("RGB"))
+                              for r in part])
+        itm, _ = scorer(pixels, [texts(r) for r in part])
+        scores += itm
+    return scores
+
+
+def probe(run_dir: Path, images: int = 400) -> dict:
+    import pyarrow.parquet as pq
+
     from capfilt.world.build import load_scenes
     from capfilt.world.noise import partial_caption
 
-    loaded = load_model(str(run_dir / "round-0" / "filter" / "filter"), "filter")
-    scorer, transform = Scorer(loaded), ImageTransform.from_processor(
-        loaded.processor.image_processor)
     scenes = load_scenes(run_dir / "world" / "truth")
-    rows = pq.read_table(run_dir / "world" / "web", columns=["key", "jpg"]).slice(0, images)
-    scores = {name: [] for name in FORMS}
-    batch = 64
-    for start in range(0, rows.num_rows, batch):
-        part = rows.slice(start, batch).to_pylist()
-        pixels = torch.stack([transform(Image.open(io.BytesIO(r["jpg"])).convert("RGB"))
-                              for r in part])
-        texts = [[partial_caption(scenes[r["key"]], form) for form in FORMS.values()]
-                 for r in part]
-        itm, _ = scorer(pixels, texts)
-        for row in itm:
-            for name, value in zip(FORMS, row):
-                scores[name].append(value)
+    rows = pq.read_table(run_dir / "world" / "web", columns=["key", "jpg"]).slice(
+        0, images).to_pylist()
+    itm = itm_scores(run_dir / "round-0" / "filter" / "filter", rows,
+                     lambda r: [partial_caption(scenes[r["key"]], form)
+                                for form in FORMS.values()])
+    scores = {name: [row[n] for row in itm] for n, name in enumerate(FORMS)}
     return {name: {"kept": round(sum(v >= 0.5 for v in values) / len(values), 3),
                    "median_itm": round(sorted(values)[len(values) // 2], 4)}
             for name, values in scores.items()}

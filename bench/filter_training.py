@@ -15,7 +15,6 @@ read from RUN's round 0; the others train into ``RUN/variants/filter-training/``
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from alt_text_demo import itm_scores
 from bootstrap_variants import ROOT, machine
 
 sys.path.insert(0, str(ROOT))
@@ -53,34 +53,25 @@ def models_for(run: Path, pretrain: int, finetune: int) -> dict[str, Path]:
     return {"pre-trained": base / "filter", "fine-tuned": tuned / "filter"}
 
 
-def kept_by_kind(run: Path, model: Path, images: int, threshold: float) -> dict[str, float]:
-    """Share of each kind of web caption (first ``images`` web images) at ITM >= threshold."""
+def web_rows(run: Path, images: int) -> list[dict]:
+    """The first ``images`` web rows (key, jpg, caption), each with its caption's kind."""
     import pyarrow.parquet as pq
-    import torch
-    from PIL import Image
 
-    from capfilt.images.transform import ImageTransform
-    from capfilt.models.loading import load_model
-    from capfilt.scoring.blip_itm import Scorer
-
-    truth = {r["key"]: r["kind"] for r in
-             pq.read_table(run / "world" / "truth" / "web_noise.parquet",
-                           columns=["key", "kind"]).to_pylist()}
+    truth = pq.read_table(run / "world" / "truth" / "web_noise.parquet", columns=["key", "kind"])
+    kinds = dict(zip(truth.column("key").to_pylist(), truth.column("kind").to_pylist()))
     rows = pq.read_table(run / "world" / "web", columns=["key", "jpg", "caption"]).slice(
         0, images).to_pylist()
-    loaded = load_model(str(model), "filter")
-    scorer = Scorer(loaded)
-    transform = ImageTransform.from_processor(loaded.processor.image_processor)
+    return [r | {"kind": kinds[r["key"]] if kinds[r["key"]] in KINDS else "wrong"}
+            for r in rows]
+
+
+def kept_by_kind(model: Path, rows: list[dict], threshold: float) -> dict[str, float]:
+    """Share of each kind of web caption in ``rows`` at ITM >= threshold."""
+    itm = itm_scores(model, rows, lambda r: [r["caption"]])
     kept, seen = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)
-    for start in range(0, len(rows), 64):
-        part = rows[start:start + 64]
-        pixels = torch.stack([transform(Image.open(io.BytesIO(r["jpg"])).convert("RGB"))
-                              for r in part])
-        itm, _ = scorer(pixels, [[r["caption"]] for r in part])
-        for row, scores in zip(part, itm):
-            kind = truth[row["key"]] if truth[row["key"]] in KINDS else "wrong"
-            seen[kind] += 1
-            kept[kind] += scores[0] >= threshold
+    for row, scores in zip(rows, itm):
+        seen[row["kind"]] += 1
+        kept[row["kind"]] += scores[0] >= threshold
     return {kind: round(kept[kind] / seen[kind], 3) for kind in KINDS if seen[kind]}
 
 
@@ -95,6 +86,7 @@ def main() -> None:
     run = args.run.resolve()
     threshold = load_bootstrap_config(run / "bootstrap.toml").round["threshold"]
     began = time.perf_counter()
+    rows = web_rows(run, args.images)
     results, scored = [], set()
     for setting in args.settings:
         pretrain, finetune = (int(n) for n in setting.split(":"))
@@ -105,7 +97,7 @@ def main() -> None:
                 continue
             scored.add(steps)
             row = {"pretrain_steps": steps[0], "finetune_steps": steps[1], "model": stage,
-                   **kept_by_kind(run, model, args.images, threshold)}
+                   **kept_by_kind(model, rows, threshold)}
             results.append(row)
             print(json.dumps(row), flush=True)
     lines = ["| pre-training steps | fine-tuning steps | complete kept | partial kept "
