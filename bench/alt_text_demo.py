@@ -7,7 +7,7 @@
 The demo's web set is 60% true and complete captions, 40% wrong. Real alt-text is mostly true
 but says little ("my new car"), so here ``--partial`` of the web set names some attributes only
 (``capfilt.world.noise.PARTIAL_FORMS``), ``--complete`` states the whole scene, and the wrong
-40% keep the demo's mix. Everything else is ``capfilt demo``'s full profile, into RUN.
+40% keep the demo's mix. Everything else is ``capfilt demo``'s default profile, into RUN.
 
 ``--probe`` scores, with RUN's round-0 filter, the true captions of RUN's first 400 web images
 written whole and with attributes left out: which omissions the filter still calls a match.
@@ -46,7 +46,7 @@ def run(out: str, seed: int, complete: float, partial: float) -> dict:
     import pipelines.demo as demo
     from capfilt.world.noise import NoiseMix
 
-    demo.PROFILES["full"]["world"]["noise"] = NoiseMix(correct=complete, partial=partial,
+    demo.PROFILES["default"]["world"]["noise"] = NoiseMix(correct=complete, partial=partial,
                                                        **WRONG)
     return demo.run_demo(out, seed=seed)
 

@@ -70,8 +70,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CommandParser]]:
         "from outside. Example: capfilt demo --output runs/demo",
     )
     demo.add_argument("--output", default="runs/demo")
-    demo.add_argument("--quick", action="store_true",
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                      default="default",
                       help="a small world and few steps: the machinery in a couple of minutes")
+    size.add_argument("--long", dest="profile", action="store_const", const="long",
+                      help="web captions mostly partial, as alt-text is, and pre-training until the "
+                           "data is the limit, as in BLIP (several times the default's time)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--parallel", type=int, metavar="N",
                       help="trainings side by side, the cores split between them (default: 3, "
@@ -197,7 +202,7 @@ def command_run(args) -> int:
 def command_demo(args) -> int:
     from pipelines.demo import run_demo
 
-    summary = run_demo(args.output, quick=args.quick, seed=args.seed, parallel=args.parallel)
+    summary = run_demo(args.output, profile=args.profile, seed=args.seed, parallel=args.parallel)
     print(summary["text"], end="")
     print(f"written: {args.output}/demo.md, demo.json; bootstrap in {args.output} "
           f"({summary['timings']['wall_seconds']:.0f}s)")
