@@ -161,3 +161,29 @@ def test_demo_parallel_below_one_is_named(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--parallel", "0", "--output", str(tmp_path / "d")]) != 0
     assert "parallel = 0: use 1 or more" in capsys.readouterr().err
+
+
+def test_long_demo_writes_the_alt_text_world_and_pre_trains_until_the_data_is_the_limit(
+        tmp_path, capsys):
+    """``--long``'s bootstrap without running it: BLIP's regime, where the default is not."""
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main, parse_args
+    from pipelines.demo import write_demo
+
+    assert parse_args(["demo", "--long"]).profile == "long"
+    assert parse_args(["demo"]).profile == "default"
+    with pytest.raises(SystemExit):
+        main(["demo", "--quick", "--long", "--output", str(tmp_path / "both")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    cfg = load_bootstrap_config(write_demo(tmp_path, "long", seed=3))
+    default = load_bootstrap_config(write_demo(tmp_path / "default", "default", seed=3))
+    assert (cfg.pretrain.config.steps, default.pretrain.config.steps) == (2000, 300)
+    assert (cfg.finetune_filter.config.steps, default.finetune_filter.config.steps) == (300, 900)
+    assert cfg.finetune_captioner == default.finetune_captioner
+    kinds = pq.read_table(tmp_path / "world" / "truth" / "web_noise.parquet").column("kind")
+    shares = {kind: kinds.to_pylist().count(kind) / len(kinds) for kind in set(kinds.to_pylist())}
+    assert shares["partial"] == pytest.approx(0.45, abs=0.01)
+    assert shares["correct"] == pytest.approx(0.15, abs=0.01)
+    assert sum(v for k, v in shares.items() if k not in ("partial", "correct")) == pytest.approx(
+        0.40, abs=0.01)
