@@ -179,7 +179,7 @@ def test_long_demo_writes_the_alt_text_world_and_pre_trains_until_the_data_is_th
     cfg = load_bootstrap_config(write_demo(tmp_path, "long", seed=3))
     default = load_bootstrap_config(write_demo(tmp_path / "default", "default", seed=3))
     assert (cfg.pretrain.config.steps, default.pretrain.config.steps) == (2000, 300)
-    assert (cfg.finetune_filter.config.steps, default.finetune_filter.config.steps) == (300, 900)
+    assert (cfg.finetune_filter.config.steps, default.finetune_filter.config.steps) == (500, 900)
     assert cfg.finetune_captioner == default.finetune_captioner
     kinds = pq.read_table(tmp_path / "world" / "truth" / "web_noise.parquet").column("kind")
     shares = {kind: kinds.to_pylist().count(kind) / len(kinds) for kind in set(kinds.to_pylist())}
