@@ -78,6 +78,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CommandParser]]:
                       help="web captions mostly partial, as alt-text is, and pre-training until the "
                            "data is the limit, as in BLIP (several times the default's time)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--world-seed", type=int, metavar="N",
+                      help="the world's seed (default: --seed): seeds of training on one world")
     demo.add_argument("--parallel", type=int, metavar="N",
                       help="trainings side by side, the cores split between them (default: 3, "
                            "or 1 with --quick, whose trainings take less than starting processes)")
@@ -202,7 +204,8 @@ def command_run(args) -> int:
 def command_demo(args) -> int:
     from pipelines.demo import run_demo
 
-    summary = run_demo(args.output, profile=args.profile, seed=args.seed, parallel=args.parallel)
+    summary = run_demo(args.output, profile=args.profile, seed=args.seed, parallel=args.parallel,
+                       world_seed=args.world_seed)
     print(summary["text"], end="")
     print(f"written: {args.output}/demo.md, demo.json; bootstrap in {args.output} "
           f"({summary['timings']['wall_seconds']:.0f}s)")

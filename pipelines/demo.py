@@ -89,12 +89,15 @@ LOADER_WORKERS = 0
 SHUFFLE_BUFFER = 16384
 
 
-def write_demo(output: Path, profile_name: str, seed: int, parallel: int | None = None) -> Path:
+def write_demo(output: Path, profile_name: str, seed: int, parallel: int | None = None,
+               world_seed: int | None = None) -> Path:
     """World, blank models and ``bootstrap.toml`` under ``output`` for the profile named
-    (``parallel``: trainings side by side, the profile's unless given); returns the config
-    path."""
+    (``parallel``: trainings side by side, the profile's unless given; ``world_seed``: the
+    world's, ``seed`` unless given, so that seeds of training can be compared on one world);
+    returns the config path."""
     profile = PROFILES[profile_name]
-    world = build_world(output / "world", WorldSpec(seed=seed, **profile["world"]))
+    world_seed = seed if world_seed is None else world_seed
+    world = build_world(output / "world", WorldSpec(seed=world_seed, **profile["world"]))
     if not (output / "blank" / "filter").exists():
         write_world_models(output / "blank", seed=seed, image_size=profile["world"]["image_size"],
                            **profile["model"])
@@ -148,7 +151,7 @@ judge = "world:{world.truth}"
 
 
 def run_demo(output: str, profile: str = "default", seed: int = 0,
-             parallel: int | None = None) -> dict:
+             parallel: int | None = None, world_seed: int | None = None) -> dict:
     from capfilt.world.audit import audit_round
     from pipelines.bootstrap import format_table, run_bootstrap
     from pipelines.bootstrap_config import load_bootstrap_config
@@ -158,7 +161,7 @@ def run_demo(output: str, profile: str = "default", seed: int = 0,
     root.mkdir(parents=True, exist_ok=True)
     if profile not in PROFILES:
         raise ValueError(f"no demo profile {profile!r}: use one of {', '.join(PROFILES)}")
-    config = load_bootstrap_config(write_demo(root, profile, seed, parallel))
+    config = load_bootstrap_config(write_demo(root, profile, seed, parallel, world_seed))
     manifest = run_bootstrap(config)
     audit = audit_round(root / "round-1" / "capfilt", root / "world" / "truth")
     calibration = calibrate_demo(root, root / "round-1" / "capfilt", root / "world" / "truth",
@@ -168,7 +171,7 @@ def run_demo(output: str, profile: str = "default", seed: int = 0,
         row["noise_ratio"] = audit["noise_ratio"][row["data"]]
     summary = {"table": table, "audit": audit, "calibration": calibration,
                "timings": manifest.timings, "profile": profile,
-               "seed": seed}
+               "seed": seed, "world_seed": seed if world_seed is None else world_seed}
     (root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = (format_table(table, extra=(("noise_ratio", "noise ratio"),)) + describe_audit(audit)
             + describe_calibration(calibration))
