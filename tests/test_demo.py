@@ -181,14 +181,12 @@ def test_long_demo_writes_the_alt_text_world_and_pre_trains_until_the_data_is_th
     assert (cfg.pretrain.config.steps, default.pretrain.config.steps) == (2000, 300)
     assert (cfg.finetune_filter.config.steps, default.finetune_filter.config.steps) == (500, 900)
     assert cfg.finetune_captioner == default.finetune_captioner
-    # Seeds of training on one world: --world-seed keeps the world, --seed seeds the rest.
+    # Seeds of training on one world: --world-seed keeps the world, --seed seeds the rest (another
+    # seed's world has other bytes: test_world.py).
     other = load_bootstrap_config(write_demo(tmp_path / "other", "long", seed=4, world_seed=3))
     assert other.seed == 4
     assert (pq.read_table(tmp_path / "other" / "world" / "web").equals(
         pq.read_table(tmp_path / "world" / "web")))
-    write_demo(tmp_path / "seed4", "long", seed=4)
-    assert not pq.read_table(tmp_path / "seed4" / "world" / "web").equals(
-        pq.read_table(tmp_path / "world" / "web"))
     kinds = pq.read_table(tmp_path / "world" / "truth" / "web_noise.parquet").column("kind")
     shares = {kind: kinds.to_pylist().count(kind) / len(kinds) for kind in set(kinds.to_pylist())}
     assert shares["partial"] == pytest.approx(0.45, abs=0.01)
