@@ -12,6 +12,7 @@ the filter fine-tuned more briefly after it; it takes several times the default'
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from capfilt.world import WorldSpec, build_world
@@ -58,8 +59,7 @@ PROFILES = {
 PROFILES["long"] = {
     **PROFILES["default"],
     "world": {**PROFILES["default"]["world"],
-              "noise": NoiseMix(correct=0.15, partial=0.45, swapped=0.12, attribute=0.12,
-                                spam=0.08, filename=0.04, generic=0.04)},
+              "noise": replace(NoiseMix(), correct=0.15, partial=0.45)},
     "pretrain": {**PROFILES["default"]["pretrain"], "steps": 2000},
     "finetune_filter": {**PROFILES["default"]["finetune_filter"], "steps": 500},
 }
@@ -96,8 +96,8 @@ def write_demo(output: Path, profile_name: str, seed: int, parallel: int | None 
     world's, ``seed`` unless given, so that seeds of training can be compared on one world);
     returns the config path."""
     profile = PROFILES[profile_name]
-    world_seed = seed if world_seed is None else world_seed
-    world = build_world(output / "world", WorldSpec(seed=world_seed, **profile["world"]))
+    world = build_world(output / "world", WorldSpec(
+        seed=seed if world_seed is None else world_seed, **profile["world"]))
     if not (output / "blank" / "filter").exists():
         write_world_models(output / "blank", seed=seed, image_size=profile["world"]["image_size"],
                            **profile["model"])
@@ -157,10 +157,11 @@ def run_demo(output: str, profile: str = "default", seed: int = 0,
     from pipelines.bootstrap_config import load_bootstrap_config
     from pipelines.demo_calibration import calibrate_demo, describe_calibration
 
-    root = Path(output).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     if profile not in PROFILES:
         raise ValueError(f"no demo profile {profile!r}: use one of {', '.join(PROFILES)}")
+    world_seed = seed if world_seed is None else world_seed
+    root = Path(output).resolve()
+    root.mkdir(parents=True, exist_ok=True)
     config = load_bootstrap_config(write_demo(root, profile, seed, parallel, world_seed))
     manifest = run_bootstrap(config)
     audit = audit_round(root / "round-1" / "capfilt", root / "world" / "truth")
@@ -171,7 +172,7 @@ def run_demo(output: str, profile: str = "default", seed: int = 0,
         row["noise_ratio"] = audit["noise_ratio"][row["data"]]
     summary = {"table": table, "audit": audit, "calibration": calibration,
                "timings": manifest.timings, "profile": profile,
-               "seed": seed, "world_seed": seed if world_seed is None else world_seed}
+               "seed": seed, "world_seed": world_seed}
     (root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = (format_table(table, extra=(("noise_ratio", "noise ratio"),)) + describe_audit(audit)
             + describe_calibration(calibration))
